@@ -1,0 +1,104 @@
+"""gRPC edge of the encoder: EncodeRequest -> engine -> header + raw token chunks."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from encoder_service.engine import EncodeRequestError, EncoderEngine, EncodeResult, Overloaded
+from encoder_service.video_decode import VideoError
+from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, tensor_pb2
+from videollm import wire
+from videollm.grpc_server import MiB, bind, make_server, run_until_signalled, set_serving
+from videollm.settings import CompressionSettings, EncoderSettings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "videollm.v1.Encoder"
+
+
+def compression_from_proto(message: encoder_pb2.Compression) -> CompressionSettings | None:
+    if not message.method:
+        return None
+    try:
+        return CompressionSettings(method=message.method)
+    except ValueError as err:
+        raise EncodeRequestError(f"invalid compression settings: {err}") from err
+
+
+def compression_to_proto(settings: CompressionSettings) -> encoder_pb2.Compression:
+    return encoder_pb2.Compression(method=settings.method)
+
+
+def header_for(result: EncodeResult, tensor: tensor_pb2.TensorHeader, model_id: str) -> encoder_pb2.EncodeHeader:
+    info = result.compression
+    return encoder_pb2.EncodeHeader(
+        tensor=tensor,
+        frames_sampled=len(result.video.frame_indices),
+        source_duration_s=result.video.duration_s,
+        source_fps=result.video.fps,
+        source_frames=result.video.source_frames,
+        frame_indices=result.video.frame_indices,
+        timings=encoder_pb2.EncodeTimings(**vars(result.timings)),
+        compression=encoder_pb2.CompressionInfo(
+            method=info.method,
+            frames_after_merge=info.frames_after_merge,
+            segments=[encoder_pb2.Segment(first=a, last=b) for a, b in info.segments],
+            kept=[encoder_pb2.KeptPositions(positions=p) for p in info.kept],
+        ),
+        model_id=model_id,
+    )
+
+
+class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
+    def __init__(self, engine: EncoderEngine):
+        self.engine = engine
+
+    def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.ServicerContext):
+        try:
+            result = self.engine.encode(
+                request.video,
+                num_frames=request.sampling.num_frames,
+                compression=compression_from_proto(request.compression),
+            )
+        except (VideoError, EncodeRequestError) as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except Overloaded as err:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        payload = wire.tensor_bytes(result.tokens)
+        yield encoder_pb2.EncodeResponse(header=header_for(result, wire.describe(result.tokens, payload), self.engine.model_id))
+        for data in wire.chunks(payload):
+            yield encoder_pb2.EncodeResponse(chunk=tensor_pb2.TensorChunk(data=data))
+
+    def Info(self, request, context):
+        settings = self.engine.settings
+        return encoder_pb2.EncoderInfo(
+            model_id=self.engine.model_id,
+            default_frames=settings.default_frames,
+            max_frames=settings.max_frames,
+            default_compression=compression_to_proto(settings.compression),
+            encoder_layers=self.engine.vision.depth,
+            tokens_per_frame=self.engine.vision.tokens_per_frame,
+            hidden_size=self.engine.vision.hidden_size,
+            dtype=settings.torch_dtype_name(),
+            max_video_bytes=settings.max_video_bytes,
+            encodes_completed=self.engine.encodes_completed,
+        )
+
+
+def start(settings: EncoderSettings, engine: EncoderEngine | None = None):
+    """Start serving on settings.host:settings.port; returns (server, health, port)."""
+    engine = engine or EncoderEngine(settings)
+    server, health = make_server(settings.max_concurrent + 4, settings.max_video_bytes + MiB)
+    encoder_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(engine), server)
+    port = bind(server, settings.host, settings.port)
+    server.start()
+    set_serving(health, [SERVICE_NAME], True)
+    log.info("encoder serving %s on %s:%d", engine.model_id, settings.host, port)
+    return server, health, port
+
+
+def serve(settings: EncoderSettings) -> None:
+    server, health, _ = start(settings)
+    run_until_signalled(server, health, [SERVICE_NAME])

@@ -1,0 +1,148 @@
+from protos.videollm.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EncoderInfo(_message.Message):
+    __slots__ = ("model_id", "default_frames", "max_frames", "default_compression", "encoder_layers", "tokens_per_frame", "hidden_size", "dtype", "max_video_bytes", "encodes_completed")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_FRAME_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MAX_VIDEO_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENCODES_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    default_frames: int
+    max_frames: int
+    default_compression: Compression
+    encoder_layers: int
+    tokens_per_frame: int
+    hidden_size: int
+    dtype: str
+    max_video_bytes: int
+    encodes_completed: int
+    def __init__(self, model_id: _Optional[str] = ..., default_frames: _Optional[int] = ..., max_frames: _Optional[int] = ..., default_compression: _Optional[_Union[Compression, _Mapping]] = ..., encoder_layers: _Optional[int] = ..., tokens_per_frame: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., max_video_bytes: _Optional[int] = ..., encodes_completed: _Optional[int] = ...) -> None: ...
+
+class FrameSampling(_message.Message):
+    __slots__ = ("num_frames",)
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    num_frames: int
+    def __init__(self, num_frames: _Optional[int] = ...) -> None: ...
+
+class Compression(_message.Message):
+    __slots__ = ("method", "retain_ratio", "tau", "max_window", "ema", "prune_layers", "d", "k", "beta")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    RETAIN_RATIO_FIELD_NUMBER: _ClassVar[int]
+    TAU_FIELD_NUMBER: _ClassVar[int]
+    MAX_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    EMA_FIELD_NUMBER: _ClassVar[int]
+    PRUNE_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    D_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    retain_ratio: float
+    tau: float
+    max_window: int
+    ema: float
+    prune_layers: _containers.RepeatedScalarFieldContainer[int]
+    d: float
+    k: int
+    beta: float
+    def __init__(self, method: _Optional[str] = ..., retain_ratio: _Optional[float] = ..., tau: _Optional[float] = ..., max_window: _Optional[int] = ..., ema: _Optional[float] = ..., prune_layers: _Optional[_Iterable[int]] = ..., d: _Optional[float] = ..., k: _Optional[int] = ..., beta: _Optional[float] = ...) -> None: ...
+
+class EncodeRequest(_message.Message):
+    __slots__ = ("video", "sampling", "compression", "request_id")
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    video: bytes
+    sampling: FrameSampling
+    compression: Compression
+    request_id: str
+    def __init__(self, video: _Optional[bytes] = ..., sampling: _Optional[_Union[FrameSampling, _Mapping]] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class Segment(_message.Message):
+    __slots__ = ("first", "last")
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    first: int
+    last: int
+    def __init__(self, first: _Optional[int] = ..., last: _Optional[int] = ...) -> None: ...
+
+class KeptPositions(_message.Message):
+    __slots__ = ("positions",)
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, positions: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class CompressionInfo(_message.Message):
+    __slots__ = ("method", "frames_after_merge", "segments", "kept")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_AFTER_MERGE_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    frames_after_merge: int
+    segments: _containers.RepeatedCompositeFieldContainer[Segment]
+    kept: _containers.RepeatedCompositeFieldContainer[KeptPositions]
+    def __init__(self, method: _Optional[str] = ..., frames_after_merge: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., kept: _Optional[_Iterable[_Union[KeptPositions, _Mapping]]] = ...) -> None: ...
+
+class EncodeTimings(_message.Message):
+    __slots__ = ("decode_ms", "preprocess_ms", "vision_ms", "projector_ms", "queue_ms", "total_ms")
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESS_MS_FIELD_NUMBER: _ClassVar[int]
+    VISION_MS_FIELD_NUMBER: _ClassVar[int]
+    PROJECTOR_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    decode_ms: float
+    preprocess_ms: float
+    vision_ms: float
+    projector_ms: float
+    queue_ms: float
+    total_ms: float
+    def __init__(self, decode_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., vision_ms: _Optional[float] = ..., projector_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+
+class EncodeHeader(_message.Message):
+    __slots__ = ("tensor", "frames_sampled", "source_duration_s", "source_fps", "source_frames", "frame_indices", "timings", "compression", "model_id")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FPS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FRAME_INDICES_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    tensor: _tensor_pb2.TensorHeader
+    frames_sampled: int
+    source_duration_s: float
+    source_fps: float
+    source_frames: int
+    frame_indices: _containers.RepeatedScalarFieldContainer[int]
+    timings: EncodeTimings
+    compression: CompressionInfo
+    model_id: str
+    def __init__(self, tensor: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., frames_sampled: _Optional[int] = ..., source_duration_s: _Optional[float] = ..., source_fps: _Optional[float] = ..., source_frames: _Optional[int] = ..., frame_indices: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[EncodeTimings, _Mapping]] = ..., compression: _Optional[_Union[CompressionInfo, _Mapping]] = ..., model_id: _Optional[str] = ...) -> None: ...
+
+class EncodeResponse(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: EncodeHeader
+    chunk: _tensor_pb2.TensorChunk
+    def __init__(self, header: _Optional[_Union[EncodeHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...

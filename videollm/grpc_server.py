@@ -1,0 +1,54 @@
+"""Start-up and shut-down shared by the gRPC services: health checking, ports, draining."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+
+
+def make_server(max_workers: int, max_message_bytes: int) -> tuple[grpc.Server, health.HealthServicer]:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", 16 * MiB),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return server, health_servicer
+
+
+def bind(server: grpc.Server, host: str, port: int) -> int:
+    """Listen on host:port (port 0 picks a free one); returns the port."""
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"could not listen on {host}:{port}: is the port in use?")
+    return bound
+
+
+def set_serving(health_servicer: health.HealthServicer, service_names: list[str], serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ["", *service_names]:
+        health_servicer.set(name, status)
+
+
+def run_until_signalled(server: grpc.Server, health_servicer: health.HealthServicer, names: list[str], grace_s: float = 30.0) -> None:
+    """Serve until SIGTERM/SIGINT, then report NOT_SERVING and drain in-flight calls."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down: draining in-flight calls for up to %.0f s", grace_s)
+    set_serving(health_servicer, names, False)
+    server.stop(grace_s).wait()

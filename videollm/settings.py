@@ -1,0 +1,113 @@
+"""Every setting of every service, typed, with its default in exactly one place.
+
+Flags and environment variables are parsed into these objects at the edge (the CLI); the code
+below them receives the objects and never reads the environment itself. Each service has its own
+environment prefix: VIDEOLLM_ENCODER_*, VIDEOLLM_LLM_*, VIDEOLLM_GATEWAY_* (list values as JSON or
+comma-separated, e.g. VIDEOLLM_GATEWAY_ENCODERS=10.0.0.5:50051,10.0.0.6:50051). REDIS_URL is
+read as the gateway's redis_url.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1 << 20
+
+
+def default_model_dir() -> Path:
+    """Where the embedded default model lives (built on first use by `videollm serve`)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "videollm" / "tiny-llava-onevision"
+
+
+class CompressionSettings(BaseModel):
+    """Token compression inside the encoder. method "none" keeps every token (T*196 + 1)."""
+
+    model_config = {"extra": "forbid"}
+
+    method: Literal["none", "earlytom"] = "none"
+
+
+class _ServiceSettings(BaseSettings):
+    model: Path = Field(default_factory=default_model_dir, description="local checkpoint directory")
+    host: str = "127.0.0.1"
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 on CUDA, float32 on the CPU"
+    )
+    max_concurrent: int = Field(8, ge=1, description="requests admitted at once; more get RESOURCE_EXHAUSTED")
+
+    def torch_dtype_name(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.device.startswith("cuda") else "float32"
+
+
+class EncoderSettings(_ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="VIDEOLLM_ENCODER_", extra="ignore")
+
+    port: int = 50051
+    default_frames: int = Field(32, ge=1)
+    max_frames: int = Field(64, ge=1)
+    max_video_bytes: int = Field(256 * MiB, ge=1)
+    max_duration_s: float = Field(4 * 3600.0, gt=0)
+    max_frame_pixels: int = Field(3840 * 2160, ge=1, description="width*height of one decoded frame")
+    compression: CompressionSettings = CompressionSettings()
+
+
+class LLMSettings(_ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="VIDEOLLM_LLM_", extra="ignore")
+
+    port: int = 50052
+    default_max_tokens: int = Field(256, ge=1)
+    max_tokens_limit: int = Field(4096, ge=1)
+    max_context_tokens: int = Field(32768, ge=1, description="prompt + visual + completion tokens")
+    max_visual_bytes: int = Field(1024 * MiB, ge=1)
+
+
+def _split_list(value):
+    if isinstance(value, str):
+        value = value.strip()
+        if value.startswith("["):
+            import json
+
+            return json.loads(value)
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VIDEOLLM_GATEWAY_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str = Field("videollm", description="the model name clients pass and /v1/models lists")
+    encoders: Annotated[list[str], NoDecode] = ["127.0.0.1:50051"]
+    llms: Annotated[list[str], NoDecode] = ["127.0.0.1:50052"]
+    redis_url: str | None = Field(
+        None, validation_alias=AliasChoices("REDIS_URL", "VIDEOLLM_GATEWAY_REDIS_URL", "redis_url")
+    )
+    cache_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="lifetime of an encoded video in Redis")
+    cache_max_entry_bytes: int = Field(512 * MiB, ge=0, description="larger encodings are not cached")
+    upload_ttl_s: int = Field(24 * 3600, ge=1, description="lifetime of an uploaded video")
+    max_upload_bytes: int = Field(256 * MiB, ge=1, description="largest video accepted, uploaded or inline")
+    max_frames: int = Field(64, ge=1, description="largest num_frames a request may ask for")
+    request_timeout_s: float = Field(600.0, gt=0, description="deadline of one request downstream")
+
+    @field_validator("encoders", "llms", mode="before")
+    @classmethod
+    def _addresses(cls, value):
+        value = _split_list(value)
+        if not value:
+            raise ValueError("give at least one address (host:port)")
+        return value
+
+    @property
+    def max_body_bytes(self) -> int:
+        # A base64 data URL is 4/3 of the video, plus the JSON around it.
+        return self.max_upload_bytes * 4 // 3 + 1 * MiB

@@ -1,0 +1,105 @@
+"""Tensor framing shared by every hop: a TensorHeader, then raw little-endian chunks.
+
+A token tensor never travels as one message (gRPC caps messages at 4 MiB by default) nor as a
+list of floats. The sender describes it (shape, dtype, byte length, CRC-32) and streams its bytes
+in fixed-size chunks; the receiver joins them once and checks length and checksum before use.
+"""
+
+from __future__ import annotations
+
+import sys
+import zlib
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from protos.videollm.v1 import tensor_pb2
+
+CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's 4 MiB default, large enough to amortise overhead
+
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
+
+assert sys.byteorder == "little", "the wire format is little-endian and so must the host be"
+
+
+class WireError(ValueError):
+    """The tensor that arrived does not match its header."""
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy when it is already contiguous on the CPU."""
+    flat = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8)  # [num_bytes]
+    return memoryview(flat.numpy())
+
+
+def describe(tensor: torch.Tensor, payload: memoryview) -> tensor_pb2.TensorHeader:
+    if tensor.dtype not in DTYPE_NAMES:
+        raise WireError(f"cannot send dtype {tensor.dtype}; use one of {sorted(WIRE_DTYPES)}")
+    return tensor_pb2.TensorHeader(
+        shape=list(tensor.shape),
+        dtype=DTYPE_NAMES[tensor.dtype],
+        num_bytes=payload.nbytes,
+        crc32=zlib.crc32(payload),
+    )
+
+
+def chunks(payload: memoryview, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    for start in range(0, payload.nbytes, chunk_bytes):
+        yield bytes(payload[start : start + chunk_bytes])
+
+
+def expected_bytes(header: tensor_pb2.TensorHeader) -> int:
+    if header.dtype not in WIRE_DTYPES:
+        raise WireError(f"unknown tensor dtype {header.dtype!r}; expected one of {sorted(WIRE_DTYPES)}")
+    if any(dim < 0 for dim in header.shape):
+        raise WireError(f"negative dimension in tensor shape {list(header.shape)}")
+    count = 1
+    for dim in header.shape:
+        count *= dim
+    return count * torch.empty((), dtype=WIRE_DTYPES[header.dtype]).element_size()
+
+
+class TensorAssembler:
+    """Collects chunks for one header and returns the checked tensor."""
+
+    def __init__(self, header: tensor_pb2.TensorHeader, max_bytes: int):
+        size = expected_bytes(header)
+        if size != header.num_bytes:
+            raise WireError(f"header says {header.num_bytes} bytes but shape {list(header.shape)} needs {size}")
+        if size > max_bytes:
+            raise WireError(f"tensor of {size} bytes exceeds the limit of {max_bytes} bytes")
+        self.header = header
+        self._buffer = bytearray(size)
+        self._filled = 0
+        self._crc = 0
+
+    def add(self, data: bytes) -> None:
+        end = self._filled + len(data)
+        if end > len(self._buffer):
+            raise WireError(f"received more than the {len(self._buffer)} bytes the header announced")
+        self._buffer[self._filled : end] = data
+        self._crc = zlib.crc32(data, self._crc)
+        self._filled = end
+
+    @property
+    def complete(self) -> bool:
+        return self._filled == len(self._buffer)
+
+    def tensor(self) -> torch.Tensor:
+        if not self.complete:
+            raise WireError(f"tensor incomplete: {self._filled} of {len(self._buffer)} bytes arrived")
+        if self._crc != self.header.crc32:
+            raise WireError("tensor checksum mismatch: the payload was corrupted in transit")
+        dtype = WIRE_DTYPES[self.header.dtype]
+        if not self._buffer:
+            return torch.empty(tuple(self.header.shape), dtype=dtype)
+        flat = torch.frombuffer(self._buffer, dtype=torch.uint8)  # shares the buffer, no copy
+        return flat.view(dtype).reshape(tuple(self.header.shape))
+
+
+def assemble(header: tensor_pb2.TensorHeader, pieces: Iterable[bytes], max_bytes: int) -> torch.Tensor:
+    assembler = TensorAssembler(header, max_bytes)
+    for piece in pieces:
+        assembler.add(piece)
+    return assembler.tensor()
