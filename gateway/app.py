@@ -1,0 +1,336 @@
+"""The REST edge: OpenAI-compatible routes that translate HTTP to the pipeline and back.
+
+Routes only parse, validate and format; the pipeline does the work. Every error leaves in
+OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) with a fitting status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, File, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.backends import ReplicaPool
+from gateway.cache import RedisStore, TokenCache
+from gateway.errors import APIError, bad_request
+from gateway.limits import BodySizeLimit
+from gateway.metrics import GatewayMetrics
+from gateway.pipeline import ChatRequest, Outcome, Pipeline, VideoRequest
+from gateway.schemas import ChatCompletionRequest, TextPart, VideoPart
+from gateway.videos import VIDEO_ID, UploadStore, Video, decode_data_url, probe_video, too_large
+from protos.videollm.v1 import encoder_pb2_grpc, llm_pb2, llm_pb2_grpc
+from videollm.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """What the gateway holds while it runs: Redis, replica pools, the pipeline."""
+
+    def start(self, settings: GatewaySettings) -> None:
+        self.store = RedisStore(settings.redis_url)
+        self.uploads = UploadStore(self.store, settings.upload_ttl_s)
+        grpc_message_bytes = settings.max_upload_bytes + (1 << 20)
+        self.encoders = ReplicaPool.connect("encoder", settings.encoders, encoder_pb2_grpc.EncoderStub,
+                                            grpc_message_bytes)
+        self.llms = ReplicaPool.connect("llm", settings.llms, llm_pb2_grpc.LLMStub, 16 << 20)
+        cache = TokenCache(self.store, settings.cache_ttl_s, settings.cache_max_entry_bytes)
+        self.pipeline = Pipeline(settings, self.encoders, self.llms, cache)
+
+    async def close(self) -> None:
+        await self.pipeline.close()
+        await self.encoders.close()
+        await self.llms.close()
+        await self.store.close()
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    metrics = GatewayMetrics()
+    rt = Runtime()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # gRPC aio channels and the Redis client belong to the server's event loop: create them here.
+        rt.start(settings)
+        app.state.runtime = rt
+        if settings.redis_url and not await rt.store.ping():
+            log.warning("starting without the cache: Redis at %s is unreachable", settings.redis_url)
+        yield
+        await rt.close()
+
+    app = FastAPI(title="videollm", version="1.0", summary="Video question answering, OpenAI-compatible",
+                  lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.state.settings = settings
+    app.state.metrics = metrics
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError):
+        metrics.requests.labels(request.url.path, str(err.status)).inc()
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {"msg": "invalid request", "loc": ()}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first['msg']}" if where else first["msg"]
+        return await api_error(request, bad_request(message, where or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        type_ = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return await api_error(request, APIError(err.status_code, str(err.detail), type_))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, err: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return await api_error(request, APIError(500, "internal error; see the gateway's log", "api_error"))
+
+    # -- chat completions ----------------------------------------------------------------------
+
+    async def resolve_video(url: str) -> Video:
+        if url.startswith("data:"):
+            return await asyncio.to_thread(decode_data_url, url, settings.max_upload_bytes)
+        if VIDEO_ID.match(url):
+            video = await rt.uploads.get(url)
+            if video is None:
+                raise APIError(404, f"no uploaded video with id {url!r} (it may have expired)", "not_found_error",
+                               param="messages", code="video_not_found")
+            return video
+        if url.startswith(("http://", "https://")):
+            raise bad_request("fetching videos from URLs is disabled; send a data: URL or upload to /v1/videos",
+                              "messages")
+        raise bad_request("video_url.url must be a data:video/...;base64, URL or a video id from /v1/videos",
+                          "messages")
+
+    async def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
+        messages, video_url = [], None
+        for message in body.messages:
+            parts = [message.content] if isinstance(message.content, str) else message.content
+            out = llm_pb2.ChatMessage(role=message.role)
+            for part in parts:
+                if isinstance(part, str):
+                    out.content.add(text=part)
+                elif isinstance(part, TextPart):
+                    out.content.add(text=part.text)
+                elif isinstance(part, VideoPart):
+                    if video_url is not None:
+                        raise bad_request("at most one video per request is supported", "messages")
+                    video_url = part.video_url.url
+                    out.content.add(video=True)
+            messages.append(out)
+        video = None
+        if video_url is not None:
+            options = body.videollm
+            video = VideoRequest(await resolve_video(video_url), options.num_frames, options.compression)
+        elif body.videollm.num_frames is not None or body.videollm.compression is not None:
+            raise bad_request("videollm options need a video_url content part", "videollm")
+        sampling = llm_pb2.SamplingParams(
+            max_tokens=body.max_completion_tokens or body.max_tokens or 0,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            stop=body.stop_list(),
+        )
+        if body.seed is not None:
+            sampling.seed = body.seed
+        return ChatRequest(messages, sampling, video)
+
+    def videollm_object(outcome: Outcome, received_at: float) -> dict:
+        header, final = outcome.header, outcome.final
+        now = time.perf_counter()
+        ttft = (outcome.first_token_at or now) - received_at
+        timings = {
+            "encode": round(header.timings.total_ms, 3) if header is not None and outcome.cache == "miss" else 0.0,
+            "prefill": round(final.timings.prefill_ms, 3) if final else None,
+            "ttft": round(ttft * 1e3, 3),
+            "total": round((now - received_at) * 1e3, 3),
+            "llm_queue": round(final.timings.queue_ms, 3) if final else None,
+        }
+        body = {
+            "cache": outcome.cache,
+            "frames": header.frames_sampled if header is not None else 0,
+            "visual_tokens": final.usage.visual_tokens if final else 0,
+            "timings_ms": timings,
+            "decode_tokens_per_s": round(final.timings.decode_tokens_per_s, 2) if final else None,
+        }
+        if header is not None:
+            body["source"] = {
+                "duration_s": round(header.source_duration_s, 3),
+                "fps": round(header.source_fps, 3),
+                "frames": header.source_frames,
+                "frame_indices": list(header.frame_indices),
+            }
+            body["compression"] = {
+                "method": header.compression.method,
+                "frames_after_merge": header.compression.frames_after_merge,
+            }
+        return body
+
+    def usage_object(final: llm_pb2.GenerateFinal | None) -> dict | None:
+        if final is None:
+            return None
+        prompt = final.usage.prompt_tokens + final.usage.visual_tokens
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": final.usage.completion_tokens,
+            "total_tokens": prompt + final.usage.completion_tokens,
+        }
+
+    def record(outcome: Outcome, received_at: float, status: str) -> None:
+        metrics.requests.labels("/v1/chat/completions", status).inc()
+        metrics.total.observe(time.perf_counter() - received_at)
+        if outcome.cache:
+            metrics.cache.labels(outcome.cache).inc()
+        if outcome.first_token_at is not None:
+            metrics.ttft.labels(outcome.cache or "none").observe(outcome.first_token_at - received_at)
+        if outcome.header is not None and outcome.cache == "miss":
+            metrics.encode.observe(outcome.header.timings.total_ms / 1e3)
+        if outcome.final is not None:
+            metrics.queue.observe(outcome.final.timings.queue_ms / 1e3)
+            metrics.completion_tokens.inc(outcome.final.usage.completion_tokens)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        received_at = time.perf_counter()
+        if body.model != settings.model_name:
+            raise APIError(404, f"the model {body.model!r} does not exist; use {settings.model_name!r}",
+                           "not_found_error", param="model", code="model_not_found")
+        chat = await to_chat_request(body)
+        chat.received_at = received_at
+        outcome = Outcome()
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        metrics.in_flight.inc()
+        try:
+            responses = await rt.pipeline.start(chat, outcome)
+        except BaseException:
+            metrics.in_flight.dec()
+            raise
+        headers = {"x-videollm-cache": outcome.cache or "none"}
+
+        if not body.stream:
+            try:
+                text = []
+                async for response in responses:
+                    if response.WhichOneof("item") == "delta":
+                        text.append(response.delta.text)
+            finally:
+                metrics.in_flight.dec()
+            record(outcome, received_at, "200")
+            return JSONResponse(
+                {
+                    "id": completion_id,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": settings.model_name,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "".join(text)},
+                            "finish_reason": outcome.final.finish_reason if outcome.final else "stop",
+                            "logprobs": None,
+                        }
+                    ],
+                    "usage": usage_object(outcome.final),
+                    "videollm": videollm_object(outcome, received_at),
+                },
+                headers=headers,
+            )
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(delta: dict, finish_reason: str | None = None, **extra) -> str:
+            payload = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": settings.model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+                **extra,
+            }
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        async def events():
+            status = "200"
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                async for response in responses:
+                    if response.WhichOneof("item") == "delta":
+                        yield chunk({"content": response.delta.text})
+                final = outcome.final
+                yield chunk({}, final.finish_reason if final else "stop",
+                            videollm=videollm_object(outcome, received_at))
+                if include_usage:
+                    payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                               "model": settings.model_name, "choices": [], "usage": usage_object(final)}
+                    yield f"data: {json.dumps(payload)}\n\n"
+                yield "data: [DONE]\n\n"
+            except APIError as err:
+                status = str(err.status)
+                yield f"data: {json.dumps(err.body())}\n\n"
+            except asyncio.CancelledError:
+                status = "499"
+                raise
+            finally:
+                metrics.in_flight.dec()
+                record(outcome, received_at, status)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={**headers, "Cache-Control": "no-cache"})
+
+    # -- uploads, models, health ----------------------------------------------------------------
+
+    @app.post("/v1/videos")
+    async def upload_video(file: UploadFile = File(..., description="the video file")):
+        data = await file.read()
+        if len(data) > settings.max_upload_bytes:
+            raise too_large(len(data), settings.max_upload_bytes)
+        if not data:
+            raise bad_request("the uploaded file is empty", "file")
+        await asyncio.to_thread(probe_video, data)
+        video = Video.of(data)
+        await rt.uploads.put(video)
+        metrics.requests.labels("/v1/videos", "200").inc()
+        return {"id": video.id, "object": "video", "bytes": len(data), "sha256": video.sha256,
+                "filename": file.filename, "created_at": int(time.time())}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list",
+                "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "videollm"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        encoders, llms = rt.encoders, rt.llms
+        encoder_up = await asyncio.gather(*(r.serving() for r in encoders.replicas))
+        llm_up = await asyncio.gather(*(r.serving() for r in llms.replicas))
+        redis = "disabled" if not settings.redis_url else ("ok" if await rt.store.ping() else "unavailable")
+        serving = any(encoder_up) and any(llm_up)
+        degraded = redis == "unavailable" or not all(encoder_up) or not all(llm_up)
+        body = {
+            "status": "unavailable" if not serving else "degraded" if degraded else "ready",
+            "encoders": dict(zip((r.address for r in encoders.replicas), encoder_up)),
+            "llms": dict(zip((r.address for r in llms.replicas), llm_up)),
+            "redis": redis,
+        }
+        return JSONResponse(body, status_code=200 if serving else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,91 @@
+"""Replica pools: gRPC channels to every encoder and LLM address, and the choice of one per call.
+
+A call goes to the replica with the fewest calls in flight from this gateway (ties broken round
+robin), skipping replicas whose last call failed with UNAVAILABLE for a short while.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+MiB = 1 << 20
+UNAVAILABLE_BACKOFF_S = 2.0
+
+
+@dataclass
+class Replica:
+    address: str
+    channel: grpc.aio.Channel
+    stub: object
+    in_flight: int = 0
+    down_until: float = 0.0
+    order: int = 0
+
+    async def serving(self, timeout_s: float = 1.0) -> bool:
+        try:
+            reply = await health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@dataclass
+class ReplicaPool:
+    kind: str  # "encoder" | "llm", for messages
+    replicas: list[Replica]
+    _turn: itertools.count = field(default_factory=itertools.count)
+
+    @classmethod
+    def connect(cls, kind: str, addresses: list[str], stub_cls, max_message_bytes: int) -> ReplicaPool:
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        replicas = []
+        for address in addresses:
+            channel = grpc.aio.insecure_channel(address, options=options)
+            replicas.append(Replica(address, channel, stub_cls(channel)))
+        return cls(kind, replicas)
+
+    def pick(self, exclude: set[str] = frozenset()) -> Replica | None:
+        now = time.monotonic()
+        candidates = [r for r in self.replicas if r.address not in exclude]
+        if not candidates:
+            return None
+        up = [r for r in candidates if r.down_until <= now] or candidates
+        turn = next(self._turn)
+        return min(up, key=lambda r: (r.in_flight, (r.order - turn) % len(self.replicas)))
+
+    def acquire(self, replica: Replica) -> None:
+        replica.in_flight += 1
+
+    def release(self, replica: Replica, error: BaseException | None = None) -> None:
+        replica.in_flight -= 1
+        if isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.UNAVAILABLE:
+            replica.down_until = time.monotonic() + UNAVAILABLE_BACKOFF_S
+
+    @contextmanager
+    def use(self, replica: Replica):
+        self.acquire(replica)
+        try:
+            yield replica
+        except BaseException as err:
+            self.release(replica, err)
+            raise
+        self.release(replica)
+
+    def __post_init__(self):
+        for order, replica in enumerate(self.replicas):
+            replica.order = order
+
+    async def close(self) -> None:
+        for replica in self.replicas:
+            await replica.channel.close()

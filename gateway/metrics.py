@@ -1,0 +1,32 @@
+"""Prometheus metrics of the gateway (served at /metrics)."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class GatewayMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "videollm_requests", "completed HTTP requests", ["route", "status"], registry=self.registry
+        )
+        self.in_flight = Gauge("videollm_requests_in_flight", "chat completions in progress", registry=self.registry)
+        self.cache = Counter("videollm_cache_lookups", "token cache lookups", ["result"], registry=self.registry)
+        self.ttft = Histogram(
+            "videollm_ttft_seconds", "time to first token seen by the gateway", ["cache"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.encode = Histogram(
+            "videollm_encode_seconds", "encoder time per encoded video", buckets=LATENCY_BUCKETS, registry=self.registry
+        )
+        self.queue = Histogram(
+            "videollm_llm_queue_seconds", "time a request waited for the LLM", buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.total = Histogram(
+            "videollm_request_seconds", "chat completion latency", buckets=LATENCY_BUCKETS, registry=self.registry
+        )
+        self.completion_tokens = Counter(
+            "videollm_completion_tokens", "generated tokens", registry=self.registry
+        )

@@ -1,0 +1,266 @@
+"""One chat completion through the stack: cache or encoder -> LLM, as a stream of events.
+
+On a cache miss the encoder's token chunks are relayed to the LLM as they arrive, without being
+decoded, while the same bytes are collected for Redis. The entry is written only once the tensor
+is verified (length and CRC-32) and the LLM has accepted the request, so a failed request never
+leaves anything in the cache. Concurrent identical misses encode once (SingleFlight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from gateway.backends import ReplicaPool
+from gateway.cache import EncodedVideo, SingleFlight, TokenCache, cache_key
+from gateway.errors import APIError, bad_request, from_grpc
+from gateway.videos import Video
+from protos.videollm.v1 import encoder_pb2, llm_pb2, tensor_pb2
+from videollm.settings import CompressionSettings, GatewaySettings
+from videollm.wire import CHUNK_BYTES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VideoRequest:
+    video: Video
+    num_frames: int | None
+    compression: CompressionSettings | None
+
+
+@dataclass
+class ChatRequest:
+    messages: list[llm_pb2.ChatMessage]
+    sampling: llm_pb2.SamplingParams
+    video: VideoRequest | None
+    received_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Outcome:
+    """What the response's `videollm` object reports."""
+
+    cache: str | None = None  # "hit" | "miss" | None without a video
+    header: encoder_pb2.EncodeHeader | None = None
+    final: llm_pb2.GenerateFinal | None = None
+    first_token_at: float | None = None
+
+
+class EncodeRelay:
+    """Reads one Encode stream to the end, handing chunks on and collecting them."""
+
+    def __init__(self, call, header: encoder_pb2.EncodeHeader):
+        self.header = header
+        self._call = call
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.done: asyncio.Future[EncodedVideo] = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._pump())
+
+    async def _pump(self) -> None:
+        parts, crc, size = [], 0, 0
+        try:
+            # read() rather than `async for`: the header was already taken with read()
+            while (response := await self._call.read()) is not grpc.aio.EOF:
+                data = response.chunk.data
+                parts.append(data)
+                crc = zlib.crc32(data, crc)
+                size += len(data)
+                self._queue.put_nowait(data)
+            expected = self.header.tensor
+            if size != expected.num_bytes or crc != expected.crc32:
+                raise APIError(502, "the encoder's token stream arrived damaged", "api_error", code="backend_error")
+            self.done.set_result(EncodedVideo(self.header, b"".join(parts)))
+        except grpc.aio.AioRpcError as err:
+            self.done.set_exception(from_grpc(err, "encoder"))
+        except BaseException as err:  # noqa: BLE001 - handed to whoever awaits the result
+            self.done.set_exception(err)
+        finally:
+            self._queue.put_nowait(None)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while (data := await self._queue.get()) is not None:
+            yield data
+
+
+async def _memory_chunks(payload: bytes) -> AsyncIterator[bytes]:
+    view = memoryview(payload)
+    for start in range(0, len(view), CHUNK_BYTES):
+        yield bytes(view[start : start + CHUNK_BYTES])
+
+
+class Pipeline:
+    def __init__(self, settings: GatewaySettings, encoders: ReplicaPool, llms: ReplicaPool, cache: TokenCache):
+        self.settings = settings
+        self.encoders = encoders
+        self.llms = llms
+        self.cache = cache
+        self.single_flight = SingleFlight()
+        self._encoder_info: encoder_pb2.EncoderInfo | None = None
+        self._background: set[asyncio.Task] = set()
+
+    # -- encoder side -------------------------------------------------------------------------
+
+    async def encoder_info(self) -> encoder_pb2.EncoderInfo:
+        if self._encoder_info is None:
+            errors = []
+            for replica in self.encoders.replicas:
+                try:
+                    self._encoder_info = await replica.stub.Info(encoder_pb2.InfoRequest(), timeout=5.0)
+                    break
+                except grpc.aio.AioRpcError as err:
+                    errors.append(f"{replica.address}: {err.code().name}")
+            else:
+                raise APIError(
+                    503, f"no encoder replica is reachable ({'; '.join(errors)})", "service_unavailable",
+                    code="backend_unavailable", headers={"Retry-After": "1"},
+                )
+        return self._encoder_info
+
+    async def resolve(self, request: VideoRequest) -> tuple[int, CompressionSettings]:
+        info = await self.encoder_info()
+        frames = request.num_frames or info.default_frames
+        limit = min(self.settings.max_frames, info.max_frames)
+        if frames > limit:
+            raise bad_request(f"num_frames must be at most {limit}, got {frames}", "videollm.num_frames")
+        compression = request.compression or CompressionSettings(method=info.default_compression.method or "none")
+        return frames, compression
+
+    async def _open_encode(self, request: VideoRequest, frames: int, compression: CompressionSettings):
+        """Start Encode on some replica and return (call, header); retries another replica when one is down."""
+        message = encoder_pb2.EncodeRequest(
+            video=request.video.data,
+            sampling=encoder_pb2.FrameSampling(num_frames=frames),
+            compression=encoder_pb2.Compression(method=compression.method),
+        )
+        tried: set[str] = set()
+        while (replica := self.encoders.pick(exclude=tried)) is not None:
+            tried.add(replica.address)
+            try:
+                with self.encoders.use(replica):
+                    call = replica.stub.Encode(message, timeout=self.settings.request_timeout_s)
+                    first = await call.read()
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    log.warning("encoder %s unavailable, trying another replica", replica.address)
+                    continue
+                raise from_grpc(err, "encoder") from err
+            if first is grpc.aio.EOF or first.WhichOneof("item") != "header":
+                raise APIError(502, "the encoder sent no header", "api_error", code="backend_error")
+            return call, first.header
+        raise APIError(503, "no encoder replica is available", "service_unavailable",
+                       code="backend_unavailable", headers={"Retry-After": "1"})
+
+    async def visual_source(self, request: VideoRequest, outcome: Outcome):
+        """(header, chunk iterator, relay or None) for the request's video, from cache or encoder."""
+        frames, compression = await self.resolve(request)
+        info = await self.encoder_info()
+        key = cache_key(info.model_id, request.video.sha256, frames, compression.model_dump())
+        cached = await self.cache.get(key)
+        if cached is not None:
+            outcome.cache = "hit"
+            return key, cached.header, _memory_chunks(cached.payload), None
+        outcome.cache = "miss"
+        waiting = self.single_flight.leader_or_wait(key)
+        if waiting is not None:  # someone is encoding the same video with the same settings
+            shared: EncodedVideo = await asyncio.shield(waiting)
+            return key, shared.header, _memory_chunks(shared.payload), None
+        try:
+            call, header = await self._open_encode(request, frames, compression)
+        except BaseException as err:
+            self.single_flight.finish(key, error=err)
+            raise
+        relay = EncodeRelay(call, header)
+        relay.done.add_done_callback(
+            lambda done: self.single_flight.finish(
+                key, result=None if done.exception() else done.result(), error=done.exception()
+            )
+        )
+        return key, header, relay.chunks(), relay
+
+    def _cache_when_verified(self, key: str, relay: EncodeRelay) -> None:
+        async def store():
+            try:
+                encoded = await relay.done
+            except BaseException:  # noqa: BLE001 - a failed encode is never cached
+                return
+            await self.cache.put(key, encoded)
+
+        task = asyncio.create_task(store())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- LLM side -----------------------------------------------------------------------------
+
+    async def start(self, request: ChatRequest, outcome: Outcome) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        """Send the request to an LLM and wait for its first response; return the response stream.
+
+        Errors before the first response (bad video, bad prompt, overload) raise APIError here, so
+        the HTTP layer can still answer with a proper status code.
+        """
+        key = relay = None
+        visual_header: tensor_pb2.TensorHeader | None = None
+        chunk_iter = None
+        if request.video is not None:
+            key, outcome.header, chunk_iter, relay = await self.visual_source(request.video, outcome)
+            visual_header = outcome.header.tensor
+
+        setup = llm_pb2.GenerateSetup(messages=request.messages, sampling=request.sampling)
+        if visual_header is not None:
+            setup.visual.CopyFrom(visual_header)
+
+        async def requests():
+            yield llm_pb2.GenerateRequest(setup=setup)
+            if chunk_iter is not None:
+                async for data in chunk_iter:
+                    yield llm_pb2.GenerateRequest(visual_chunk=tensor_pb2.TensorChunk(data=data))
+
+        replica = self.llms.pick()
+        if replica is None:
+            raise APIError(503, "no LLM replica is configured", "service_unavailable", code="backend_unavailable")
+        self.llms.acquire(replica)
+        call = replica.stub.Generate(requests(), timeout=self.settings.request_timeout_s)
+        try:
+            first = await call.read()
+            if first is grpc.aio.EOF:
+                raise APIError(502, "the LLM closed the stream without an answer", "api_error", code="backend_error")
+        except grpc.aio.AioRpcError as err:
+            self.llms.release(replica, err)
+            if relay is not None and relay.done.done() and relay.done.exception() is not None:
+                raise relay.done.exception() from err
+            raise from_grpc(err, "LLM") from err
+        except BaseException:
+            call.cancel()
+            self.llms.release(replica)
+            raise
+        if relay is not None:
+            self._cache_when_verified(key, relay)
+        return self._responses(call, first, replica, outcome)
+
+    async def _responses(self, call, first, replica, outcome: Outcome) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        try:
+            response = first
+            while response is not grpc.aio.EOF:
+                if response.WhichOneof("item") == "delta" and outcome.first_token_at is None:
+                    outcome.first_token_at = time.perf_counter()
+                if response.WhichOneof("item") == "final":
+                    outcome.final = response.final
+                    if outcome.first_token_at is None:
+                        outcome.first_token_at = time.perf_counter()
+                yield response
+                response = await call.read()
+        except grpc.aio.AioRpcError as err:
+            raise from_grpc(err, "LLM") from err
+        finally:
+            call.cancel()  # no-op when finished; stops decoding when the client went away
+            self.llms.release(replica)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            await asyncio.gather(task, return_exceptions=True)

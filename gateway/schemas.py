@@ -1,0 +1,66 @@
+"""Request bodies of the REST API (OpenAI's chat completions format plus the `videollm` object)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from videollm.settings import CompressionSettings
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class VideoURL(BaseModel):
+    url: str = Field(description="a data:video/...;base64, URL or the id returned by POST /v1/videos")
+
+
+class VideoPart(BaseModel):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | VideoPart, Field(discriminator="type")]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class VideoOptions(BaseModel):
+    """Per-request overrides of frame sampling and compression."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_frames: int | None = Field(None, ge=1, description="frames sampled uniformly over the clip")
+    compression: CompressionSettings | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy (the default)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1, description="only one choice per request")
+    user: str | None = None
+    videollm: VideoOptions = VideoOptions()
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)

@@ -1,0 +1,110 @@
+"""Where a request's video comes from: an inline data URL, or the id of an uploaded video.
+
+Uploaded videos are kept in Redis under their content hash (so every gateway replica sees them)
+and in a small in-process LRU, so that uploads keep working while Redis is down.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from gateway.cache import RedisStore
+from gateway.errors import APIError, bad_request
+
+VIDEO_ID = re.compile(r"^video-[0-9a-f]{64}$")
+DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.ASCII)
+
+
+@dataclass(frozen=True)
+class Video:
+    data: bytes
+    sha256: str
+
+    @classmethod
+    def of(cls, data: bytes) -> Video:
+        return cls(data, hashlib.sha256(data).hexdigest())
+
+    @property
+    def id(self) -> str:
+        return f"video-{self.sha256}"
+
+
+def too_large(size: int, limit: int) -> APIError:
+    return APIError(413, f"the video is {size} bytes; the limit is {limit} bytes", code="video_too_large")
+
+
+def decode_data_url(url: str, max_bytes: int) -> Video:
+    match = DATA_URL.match(url)
+    if match is None or not match.group("b64"):
+        raise bad_request("malformed data URL: expected data:video/<type>;base64,<data>", "messages")
+    mime = (match.group("mime") or "").lower()
+    if not (mime.startswith("video/") or mime == "application/octet-stream"):
+        raise bad_request(f"the data URL's media type must be video/*, got {mime or 'none'!r}", "messages")
+    encoded = url[match.end() :]
+    if len(encoded) * 3 // 4 > max_bytes + 3:
+        raise too_large(len(encoded) * 3 // 4, max_bytes)
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise bad_request(f"malformed data URL: the base64 payload is invalid ({err})", "messages") from err
+    if not data:
+        raise bad_request("the video in the data URL is empty", "messages")
+    return Video.of(data)
+
+
+def probe_video(data: bytes) -> None:
+    """Cheap check that bytes are a container with a video stream (no frame is decoded)."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise bad_request("the file has no video stream", "file")
+    except av.FFmpegError as err:
+        raise bad_request(f"the file is not a readable video: {err}", "file") from err
+
+
+class UploadStore:
+    def __init__(self, store: RedisStore, ttl_s: int, memory_bytes: int = 512 << 20):
+        self.store = store
+        self.ttl_s = ttl_s
+        self.memory_bytes = memory_bytes
+        self._memory: OrderedDict[str, bytes] = OrderedDict()
+        self._memory_used = 0
+
+    @staticmethod
+    def _key(video_id: str) -> str:
+        return f"videollm:v1:video:{video_id}"
+
+    async def put(self, video: Video) -> None:
+        await self.store.set(self._key(video.id), video.data, self.ttl_s)
+        self._remember(video.id, video.data)
+
+    def _remember(self, video_id: str, data: bytes) -> None:
+        if video_id in self._memory or len(data) > self.memory_bytes:
+            return
+        self._memory[video_id] = data
+        self._memory_used += len(data)
+        while self._memory_used > self.memory_bytes:
+            _, dropped = self._memory.popitem(last=False)
+            self._memory_used -= len(dropped)
+
+    async def get(self, video_id: str) -> Video | None:
+        data = self._memory.get(video_id)
+        if data is None:
+            data = await self.store.get(self._key(video_id))
+        if data is None:
+            return None
+        video = Video.of(data)
+        if video.id != video_id:  # damaged entry: never hand out other bytes under this id
+            await self.store.delete(self._key(video_id))
+            self._memory.pop(video_id, None)
+            return None
+        self._memory.move_to_end(video_id) if video_id in self._memory else None
+        return video

@@ -1,0 +1,142 @@
+"""gRPC edge of the LLM: GenerateSetup + visual token chunks -> engine -> text deltas + final."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import grpc
+
+from llm_service.engine import Delta, GenerateRequestError, GenerationRequest, LLMEngine, Overloaded
+from llm_service.prompt import VIDEO, Message
+from llm_service.sampling import SamplingParams
+from protos.videollm.v1 import llm_pb2, llm_pb2_grpc
+from videollm import wire
+from videollm.grpc_server import MiB, bind, make_server, run_until_signalled, set_serving
+from videollm.settings import LLMSettings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "videollm.v1.LLM"
+
+
+def messages_from_proto(messages) -> list[Message]:
+    return [
+        Message(m.role, tuple(VIDEO if part.WhichOneof("part") == "video" else part.text for part in m.content))
+        for m in messages
+    ]
+
+
+def sampling_from_proto(sampling: llm_pb2.SamplingParams, default_max_tokens: int) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=sampling.max_tokens or default_max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p if 0 < sampling.top_p else 1.0,
+        top_k=sampling.top_k,
+        seed=sampling.seed if sampling.HasField("seed") else None,
+        stop=tuple(sampling.stop),
+    )
+
+
+def final_to_proto(final) -> llm_pb2.GenerateResponse:
+    return llm_pb2.GenerateResponse(
+        final=llm_pb2.GenerateFinal(
+            finish_reason=final.finish_reason,
+            usage=llm_pb2.Usage(
+                prompt_tokens=final.prompt_tokens,
+                visual_tokens=final.visual_tokens,
+                completion_tokens=final.completion_tokens,
+            ),
+            timings=llm_pb2.GenerateTimings(
+                queue_ms=final.queue_ms,
+                prefill_ms=final.prefill_ms,
+                ttft_ms=final.ttft_ms,
+                decode_ms=final.decode_ms,
+                decode_tokens_per_s=final.decode_tokens_per_s,
+                receive_ms=final.receive_ms,
+            ),
+        )
+    )
+
+
+class LLMServicer(llm_pb2_grpc.LLMServicer):
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+
+    def _read_request(self, request_iterator, context) -> GenerationRequest:
+        arrived = time.perf_counter()
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("item") != "setup":
+            raise GenerateRequestError("the first message of Generate must be a GenerateSetup")
+        setup = first.setup
+        visual = None
+        if setup.HasField("visual"):
+            assembler = wire.TensorAssembler(setup.visual, self.engine.settings.max_visual_bytes)
+            for message in request_iterator:
+                if message.WhichOneof("item") != "visual_chunk":
+                    raise GenerateRequestError("only visual_chunk messages may follow the GenerateSetup")
+                assembler.add(message.visual_chunk.data)
+            visual = assembler.tensor()  # [N, D]
+        cancelled = threading.Event()
+        context.add_callback(cancelled.set)
+        return GenerationRequest(
+            messages=messages_from_proto(setup.messages),
+            sampling=sampling_from_proto(setup.sampling, self.engine.settings.default_max_tokens),
+            visual=visual,
+            is_cancelled=cancelled.is_set,
+            arrived_at=arrived,
+            receive_ms=(time.perf_counter() - arrived) * 1e3,
+        )
+
+    def Generate(self, request_iterator, context: grpc.ServicerContext):
+        try:
+            request = self._read_request(request_iterator, context)
+            events = self.engine.generate(request)
+            first = next(events)  # validation errors surface here, before anything is sent
+        except (GenerateRequestError, wire.WireError) as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except Overloaded as err:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        try:
+            for event in _chain(first, events):
+                if isinstance(event, Delta):
+                    yield llm_pb2.GenerateResponse(delta=llm_pb2.TextDelta(text=event.text))
+                else:
+                    yield final_to_proto(event)
+        finally:
+            events.close()  # a cancelled call leaves the loop here: free the device and the KV cache
+
+    def Info(self, request, context):
+        settings = self.engine.settings
+        return llm_pb2.LLMInfo(
+            model_id=self.engine.model_id,
+            hidden_size=self.engine.lm.hidden_size,
+            default_max_tokens=settings.default_max_tokens,
+            max_tokens_limit=settings.max_tokens_limit,
+            max_context_tokens=settings.max_context_tokens,
+            dtype=settings.torch_dtype_name(),
+            generations_completed=self.engine.generations_completed,
+        )
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def start(settings: LLMSettings, engine: LLMEngine | None = None):
+    """Start serving on settings.host:settings.port; returns (server, health, port)."""
+    engine = engine or LLMEngine(settings)
+    server, health = make_server(settings.max_concurrent + 4, 16 * MiB)
+    llm_pb2_grpc.add_LLMServicer_to_server(LLMServicer(engine), server)
+    port = bind(server, settings.host, settings.port)
+    server.start()
+    set_serving(health, [SERVICE_NAME], True)
+    log.info("LLM serving %s on %s:%d", engine.model_id, settings.host, port)
+    return server, health, port
+
+
+def serve(settings: LLMSettings) -> None:
+    server, health, _ = start(settings)
+    run_until_signalled(server, health, [SERVICE_NAME])
