@@ -48,6 +48,8 @@ class ReplicaPool:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            # a DNS name with several addresses (a scaled Compose service) is balanced per call
+            ("grpc.lb_policy_name", "round_robin"),
         ]
         replicas = []
         for address in addresses:

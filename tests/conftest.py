@@ -1,0 +1,155 @@
+"""Shared fixtures: the tiny model (built once), a real Redis, real gRPC servers and a real HTTP
+gateway, all on 127.0.0.1 with free ports, always stopped at the end.
+
+Redis must be installed (`.ci/run` installs it); a missing redis-server fails the run loudly
+rather than skipping tests.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+import uvicorn
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from encoder_service.engine import EncoderEngine  # noqa: E402
+from encoder_service.server import start as start_encoder  # noqa: E402
+from gateway.app import create_app  # noqa: E402
+from llm_service.engine import LLMEngine  # noqa: E402
+from llm_service.server import start as start_llm  # noqa: E402
+from videollm.settings import EncoderSettings, GatewaySettings, LLMSettings  # noqa: E402
+from videollm.tiny_model import build_tiny_model  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@dataclass
+class RedisServer:
+    url: str
+    port: int
+    process: subprocess.Popen
+    workdir: Path
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+
+def start_redis(port: int, workdir: Path) -> subprocess.Popen:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server); .ci/run installs it")
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(host="127.0.0.1", port=port)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            client.ping()
+            return process
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    process.kill()
+    pytest.fail("redis-server did not start")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    process = start_redis(port, workdir)
+    server = RedisServer(f"redis://127.0.0.1:{port}/0", port, process, workdir)
+    yield server
+    server.process.terminate()
+    server.process.wait(10)
+
+
+@dataclass
+class GrpcService:
+    address: str
+    engine: object
+    server: object
+
+
+@pytest.fixture(scope="session")
+def encoder_service(tiny_model_dir):
+    settings = EncoderSettings(model=tiny_model_dir, port=0, max_frames=64)
+    engine = EncoderEngine(settings)
+    server, _, port = start_encoder(settings, engine)
+    yield GrpcService(f"127.0.0.1:{port}", engine, server)
+    server.stop(None)
+
+
+@pytest.fixture(scope="session")
+def llm_service(tiny_model_dir):
+    settings = LLMSettings(model=tiny_model_dir, port=0)
+    engine = LLMEngine(settings)
+    server, _, port = start_llm(settings, engine)
+    yield GrpcService(f"127.0.0.1:{port}", engine, server)
+    server.stop(None)
+
+
+class GatewayServer:
+    """A real uvicorn server in a background thread."""
+
+    def __init__(self, settings: GatewaySettings):
+        self.settings = settings
+        self.url = f"http://127.0.0.1:{settings.port}"
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> GatewayServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the gateway did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+
+
+def gateway_settings(encoders: list[str], llms: list[str], redis_url: str | None, **overrides) -> GatewaySettings:
+    return GatewaySettings(host="127.0.0.1", port=free_port(), encoders=encoders, llms=llms, redis_url=redis_url,
+                           **overrides)
+
+
+@pytest.fixture(scope="session")
+def gateway(encoder_service, llm_service, redis_server):
+    """The whole stack: gateway -> encoder + LLM, with the session's Redis."""
+    settings = gateway_settings([encoder_service.address], [llm_service.address], redis_server.url,
+                                max_upload_bytes=8 << 20)
+    with GatewayServer(settings) as server:
+        yield server
+
+
+@pytest.fixture
+def clean_redis(redis_server):
+    client = redis_server.client()
+    client.flushall()
+    yield client
+    client.close()

@@ -1,0 +1,26 @@
+"""Request builders shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import base64
+
+
+def data_url(video: bytes, mime: str = "video/mp4") -> str:
+    return f"data:{mime};base64,{base64.b64encode(video).decode()}"
+
+
+def video_chat(url: str, question: str = "What happens in this video?", **fields) -> dict:
+    body = {
+        "model": "videollm",
+        "messages": [
+            {"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                         {"type": "text", "text": question}]}
+        ],
+        "max_tokens": 12,
+    }
+    body.update(fields)
+    return body
+
+
+def encoder_calls(encoder_service) -> int:
+    return encoder_service.engine.encodes_completed
