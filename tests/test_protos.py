@@ -1,0 +1,33 @@
+"""The committed Python stubs are what protoc makes of the .proto files (so a fresh clone works)."""
+
+from __future__ import annotations
+
+import filecmp
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_stubs_match_the_proto_files(tmp_path):
+    shutil.copytree(ROOT / "protos", tmp_path / "protos", ignore=shutil.ignore_patterns("*_pb2*", "__pycache__"))
+    protos = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "protos").rglob("*.proto"))
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", "-I", ".", "--python_out=.", "--pyi_out=.", "--grpc_python_out=.",
+         *protos],
+        cwd=tmp_path, check=True,
+    )
+    generated = sorted(p.relative_to(tmp_path) for p in (tmp_path / "protos").rglob("*_pb2*.py*"))
+    assert generated, "protoc generated nothing"
+    stale = [str(p) for p in generated if not filecmp.cmp(tmp_path / p, ROOT / p, shallow=False)]
+    assert not stale, f"stubs out of date, run scripts/gen_protos.sh: {stale}"
+
+
+def test_the_package_is_versioned():
+    from protos.videollm.v1 import encoder_pb2, llm_pb2
+
+    assert encoder_pb2.DESCRIPTOR.package == "videollm.v1"
+    assert llm_pb2.DESCRIPTOR.services_by_name["LLM"].full_name == "videollm.v1.LLM"
+    assert encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name == "videollm.v1.Encoder"
