@@ -82,7 +82,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def validation_error(request: Request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {"msg": "invalid request", "loc": ()}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"{where}: {first['msg']}" if where else first["msg"]
+        if not where and first.get("type") == "missing":
+            message = "the request body is missing: send a JSON object"
+        else:
+            message = f"{where}: {first['msg']}" if where else first["msg"]
         return await api_error(request, bad_request(message, where or None))
 
     @app.exception_handler(StarletteHTTPException)

@@ -59,14 +59,17 @@ def decode_data_url(url: str, max_bytes: int) -> Video:
 
 
 def probe_video(data: bytes) -> None:
-    """Cheap check that bytes are a container with a video stream (no frame is decoded)."""
+    """Cheap check that bytes are a video: a container with a video stream whose first frame decodes."""
     import av
 
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
                 raise bad_request("the file has no video stream", "file")
-    except av.FFmpegError as err:
+            first = next(container.decode(video=0), None)
+            if first is None or first.width == 0 or first.height == 0:
+                raise bad_request("the file has no decodable video frame", "file")
+    except (av.FFmpegError, ValueError) as err:
         raise bad_request(f"the file is not a readable video: {err}", "file") from err
 
 
