@@ -168,3 +168,30 @@ def test_the_cache_comes_back_when_redis_returns(encoder_service, llm_service, t
         finally:
             redis_process.terminate()
             redis_process.wait(10)
+
+
+def test_a_token_tensor_over_4_mib_crosses_encoder_gateway_redis_and_llm_intact(gateway, encoder_service, llm_service,
+                                                                                 clean_redis):
+    import torch
+
+    from llm_service.engine import Delta, GenerationRequest
+    from llm_service.prompt import VIDEO, Message
+    from llm_service.sampling import SamplingParams
+    from test_parity import encode_over_grpc
+
+    video = make_video("mp4", n_frames=60, seed=31)
+    frames = 48
+    question = "What happens?"
+    answer = ask(gateway.url, video_chat(data_url(video), question, videollm={"num_frames": frames}, max_tokens=8))
+    (key,) = clean_redis.keys(TOKEN_KEYS)
+    cached = EncodedVideo.from_bytes(clean_redis.get(key))
+    assert cached.header.tensor.num_bytes > 4 << 20
+
+    _, direct = encode_over_grpc(encoder_service.address, video, frames)
+    relayed = torch.frombuffer(bytearray(cached.payload), dtype=torch.float32).reshape(direct.shape)
+    assert torch.equal(relayed, direct)
+
+    events = llm_service.engine.generate(GenerationRequest(
+        [Message("user", (VIDEO, question))], SamplingParams(max_tokens=8), visual=direct))
+    expected = "".join(e.text for e in events if isinstance(e, Delta))
+    assert answer.json()["choices"][0]["message"]["content"] == expected

@@ -18,9 +18,10 @@ from llm_service.sampling import SamplingParams
 from protos.videollm.v1 import llm_pb2, llm_pb2_grpc, tensor_pb2
 from videollm import wire
 from videollm.checkpoint import model_identity
+from videollm.tiny_model import TEXT_HIDDEN
 
 TIMEOUT_S = 120
-HIDDEN = 64  # the tiny model's hidden size
+HIDDEN = TEXT_HIDDEN  # the tiny model's hidden size
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -293,7 +294,7 @@ def test_usage_counts_visual_rows_and_prompt_tokens_without_the_placeholder(stub
 
 def test_a_visual_tensor_over_4_mib_arrives_intact_in_chunks(stub, llm_service, monkeypatch):
     engine = llm_service.engine
-    visual = visual_tokens(20000, seed=42)  # 20000 x 64 float32 = 5.1 MB
+    visual = visual_tokens(20000, seed=42)  # 20000 x HIDDEN float32 > 4 MiB
     payload = wire.tensor_bytes(visual)
     assert payload.nbytes > 4 << 20
     assert len(list(wire.chunks(payload))) > 1
@@ -407,7 +408,7 @@ def context_over_the_limit():
 
 
 INVALID = {
-    "wrong hidden size": (wrong_hidden_size, r"shape \[N, 64\], got \[3, 32\]"),
+    "wrong hidden size": (wrong_hidden_size, rf"shape \[N, {HIDDEN}\], got \[3, {HIDDEN // 2}\]"),
     "corrupted chunk": (corrupted_chunk, "checksum"),
     "missing chunks": (missing_chunks, "incomplete"),
     "placeholder in text": (placeholder_in_text, "must not contain the video placeholder '<video>'"),

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 SEED = 0
+VISION_HIDDEN = 64
+TEXT_HIDDEN = 128  # visual tokens of 48+ frames exceed 4 MiB, so tests cross gRPC's message limit
 VIDEO_TOKEN = "<video>"
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN, VIDEO_TOKEN]
@@ -78,7 +80,7 @@ def tiny_config(vocab_size: int, video_token_id: int, image_token_id: int, eos_t
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
     vision = SiglipVisionConfig(
-        hidden_size=64,
+        hidden_size=VISION_HIDDEN,
         intermediate_size=128,
         num_hidden_layers=26,
         num_attention_heads=4,
@@ -88,8 +90,8 @@ def tiny_config(vocab_size: int, video_token_id: int, image_token_id: int, eos_t
     )
     text = Qwen2Config(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=2 * TEXT_HIDDEN,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
