@@ -95,6 +95,34 @@ async def _memory_chunks(payload: bytes) -> AsyncIterator[bytes]:
         yield bytes(view[start : start + CHUNK_BYTES])
 
 
+@dataclass
+class VisualSource:
+    """Where one request's visual tokens come from, and the complete tensor once it is known."""
+
+    key: str
+    header: encoder_pb2.EncodeHeader
+    chunks: AsyncIterator[bytes]  # for the first LLM attempt
+    encoded: asyncio.Future  # -> EncodedVideo; retries replay from it
+    relay: EncodeRelay | None = None  # set on a cache miss that this request encodes
+
+    @classmethod
+    def in_memory(cls, key: str, encoded: EncodedVideo) -> VisualSource:
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(encoded)
+        return cls(key, encoded.header, _memory_chunks(encoded.payload), done)
+
+    async def replay(self) -> AsyncIterator[bytes]:
+        async for data in _memory_chunks((await self.encoded).payload):
+            yield data
+
+
+async def _generate_requests(setup: llm_pb2.GenerateSetup, chunks: AsyncIterator[bytes] | None):
+    yield llm_pb2.GenerateRequest(setup=setup)
+    if chunks is not None:
+        async for data in chunks:
+            yield llm_pb2.GenerateRequest(visual_chunk=tensor_pb2.TensorChunk(data=data))
+
+
 class Pipeline:
     def __init__(self, settings: GatewaySettings, encoders: ReplicaPool, llms: ReplicaPool, cache: TokenCache):
         self.settings = settings
@@ -157,20 +185,19 @@ class Pipeline:
         raise APIError(503, "no encoder replica is available", "service_unavailable",
                        code="backend_unavailable", headers={"Retry-After": "1"})
 
-    async def visual_source(self, request: VideoRequest, outcome: Outcome):
-        """(header, chunk iterator, relay or None) for the request's video, from cache or encoder."""
+    async def visual_source(self, request: VideoRequest, outcome: Outcome) -> VisualSource:
+        """The request's visual tokens, from the cache, a concurrent identical encode, or the encoder."""
         frames, compression = await self.resolve(request)
         info = await self.encoder_info()
         key = cache_key(info.model_id, request.video.sha256, frames, compression.model_dump())
         cached = await self.cache.get(key)
         if cached is not None:
             outcome.cache = "hit"
-            return key, cached.header, _memory_chunks(cached.payload), None
+            return VisualSource.in_memory(key, cached)
         outcome.cache = "miss"
         waiting = self.single_flight.leader_or_wait(key)
         if waiting is not None:  # someone is encoding the same video with the same settings
-            shared: EncodedVideo = await asyncio.shield(waiting)
-            return key, shared.header, _memory_chunks(shared.payload), None
+            return VisualSource.in_memory(key, await asyncio.shield(waiting))
         try:
             call, header = await self._open_encode(request, frames, compression)
         except BaseException as err:
@@ -182,7 +209,7 @@ class Pipeline:
                 key, result=None if done.exception() else done.result(), error=done.exception()
             )
         )
-        return key, header, relay.chunks(), relay
+        return VisualSource(key, header, relay.chunks(), relay.done, relay)
 
     def _cache_when_verified(self, key: str, relay: EncodeRelay) -> None:
         async def store():
@@ -202,46 +229,44 @@ class Pipeline:
         """Send the request to an LLM and wait for its first response; return the response stream.
 
         Errors before the first response (bad video, bad prompt, overload) raise APIError here, so
-        the HTTP layer can still answer with a proper status code.
+        the HTTP layer can still answer with a proper status code. An unreachable LLM replica is
+        retried on another one, replaying the visual tokens from memory.
         """
-        key = relay = None
-        visual_header: tensor_pb2.TensorHeader | None = None
-        chunk_iter = None
-        if request.video is not None:
-            key, outcome.header, chunk_iter, relay = await self.visual_source(request.video, outcome)
-            visual_header = outcome.header.tensor
-
+        source = None
         setup = llm_pb2.GenerateSetup(messages=request.messages, sampling=request.sampling)
-        if visual_header is not None:
-            setup.visual.CopyFrom(visual_header)
-
-        async def requests():
-            yield llm_pb2.GenerateRequest(setup=setup)
-            if chunk_iter is not None:
-                async for data in chunk_iter:
-                    yield llm_pb2.GenerateRequest(visual_chunk=tensor_pb2.TensorChunk(data=data))
-
-        replica = self.llms.pick()
-        if replica is None:
-            raise APIError(503, "no LLM replica is configured", "service_unavailable", code="backend_unavailable")
-        self.llms.acquire(replica)
-        call = replica.stub.Generate(requests(), timeout=self.settings.request_timeout_s)
-        try:
-            first = await call.read()
-            if first is grpc.aio.EOF:
-                raise APIError(502, "the LLM closed the stream without an answer", "api_error", code="backend_error")
-        except grpc.aio.AioRpcError as err:
-            self.llms.release(replica, err)
-            if relay is not None and relay.done.done() and relay.done.exception() is not None:
-                raise relay.done.exception() from err
-            raise from_grpc(err, "LLM") from err
-        except BaseException:
-            call.cancel()
-            self.llms.release(replica)
-            raise
-        if relay is not None:
-            self._cache_when_verified(key, relay)
-        return self._responses(call, first, replica, outcome)
+        if request.video is not None:
+            source = await self.visual_source(request.video, outcome)
+            outcome.header = source.header
+            setup.visual.CopyFrom(source.header.tensor)
+        chunks = source.chunks if source is not None else None
+        tried: set[str] = set()
+        while (replica := self.llms.pick(exclude=tried)) is not None:
+            tried.add(replica.address)
+            self.llms.acquire(replica)
+            call = replica.stub.Generate(_generate_requests(setup, chunks), timeout=self.settings.request_timeout_s)
+            try:
+                first = await call.read()
+                if first is grpc.aio.EOF:
+                    raise APIError(502, "the LLM closed the stream without an answer", "api_error",
+                                   code="backend_error")
+            except grpc.aio.AioRpcError as err:
+                self.llms.release(replica, err)
+                if source is not None and source.encoded.done() and source.encoded.exception() is not None:
+                    raise source.encoded.exception() from err  # the encoder failed mid-stream
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    log.warning("LLM %s unavailable, trying another replica", replica.address)
+                    chunks = source.replay() if source is not None else None
+                    continue
+                raise from_grpc(err, "LLM") from err
+            except BaseException:
+                call.cancel()
+                self.llms.release(replica)
+                raise
+            if source is not None and source.relay is not None:
+                self._cache_when_verified(source.key, source.relay)
+            return self._responses(call, first, replica, outcome)
+        raise APIError(503, "no LLM replica is available", "service_unavailable", code="backend_unavailable",
+                       headers={"Retry-After": "1"})
 
     async def _responses(self, call, first, replica, outcome: Outcome) -> AsyncIterator[llm_pb2.GenerateResponse]:
         try:

@@ -169,7 +169,7 @@ class LLMEngine:
         start = time.perf_counter()
         cache = DynamicCache(config=lm.model.config)
         out = lm.model(
-            inputs_embeds=self._embed(ids, request.visual), past_key_values=cache, use_cache=True, logits_to_keep=1
+            inputs_embeds=self._embed(ids, request.visual), **{lm.cache_arg: cache}, use_cache=True, logits_to_keep=1
         )
         token = sampler(out.logits[0, -1])
         prefill_ms = _ms_since(start)
@@ -193,7 +193,7 @@ class LLMEngine:
             if request.is_cancelled():
                 finish = "cancelled"
                 break
-            out = lm.model(input_ids=torch.tensor([[token]], device=lm.device), past_key_values=cache, use_cache=True)
+            out = lm.model(input_ids=torch.tensor([[token]], device=lm.device), **{lm.cache_arg: cache}, use_cache=True)
             token = sampler(out.logits[0, -1])
         if not stop_hit and finish != "cancelled":
             tail, hit = stops.feed(detok.flush())
