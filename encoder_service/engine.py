@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from encoder_service.video_decode import DecodedVideo, VideoLimits, decode_video
-from encoder_service.vision import VisionEncoder
+from encoder_service.vision import CompressionTrace, VisionEncoder
 from videollm.checkpoint import check_model_dir, model_identity
+from videollm.flops import encoder_flops
 from videollm.settings import CompressionSettings, EncoderSettings
 
 
@@ -34,21 +35,20 @@ class EncodeTimings:
     projector_ms: float = 0.0
     queue_ms: float = 0.0
     total_ms: float = 0.0
-
-
-@dataclass
-class CompressionResult:
-    method: str
-    frames_after_merge: int
-    segments: list[tuple[int, int]]  # [first, last] original frame indices per final segment
-    kept: list[list[int]]  # per output frame, kept positions on the pooled grid
+    stage1_ms: float = 0.0
+    importance_ms: float = 0.0
+    stage2_ms: float = 0.0
 
 
 @dataclass
 class EncodeResult:
     tokens: torch.Tensor  # [N, D_llm] on the CPU
     video: DecodedVideo
-    compression: CompressionResult
+    settings: CompressionSettings  # as resolved and applied
+    trace: CompressionTrace
+    flops: float  # encoder FLOPs as run
+    flops_uncompressed: float
+    uncompressed_tokens: int  # T*196 + 1
     timings: EncodeTimings = field(default_factory=EncodeTimings)
 
 
@@ -77,25 +77,18 @@ class EncoderEngine:
             raise EncodeRequestError(f"num_frames must be at most {self.settings.max_frames}, got {frames}")
         return frames
 
-    def resolve_compression(self, compression: CompressionSettings | None) -> CompressionSettings:
-        resolved = compression or self.settings.compression
-        if resolved.method != "none":
-            raise EncodeRequestError(
-                f"compression method {resolved.method!r} is not available on this encoder; use 'none'"
-            )
-        return resolved
-
     def encode(self, video: bytes, num_frames: int = 0, compression: CompressionSettings | None = None) -> EncodeResult:
+        """compression None means the server's default settings."""
         frames = self.resolve_frames(num_frames)
-        self.resolve_compression(compression)
+        settings = compression or self.settings.compression
         if not self._admission.acquire(blocking=False):
             raise Overloaded(f"the encoder has {self.settings.max_concurrent} requests in flight; retry later")
         try:
-            return self._encode(video, frames)
+            return self._encode(video, frames, settings)
         finally:
             self._admission.release()
 
-    def _encode(self, video: bytes, num_frames: int) -> EncodeResult:
+    def _encode(self, video: bytes, num_frames: int, settings: CompressionSettings) -> EncodeResult:
         timings = EncodeTimings()
         start = time.perf_counter()
         decoded = decode_video(video, num_frames, self.limits)
@@ -108,19 +101,25 @@ class EncoderEngine:
         mark = time.perf_counter()
         with self._device_lock:
             timings.queue_ms = (time.perf_counter() - mark) * 1e3
-            output = self.vision.encode(pixels)
-            tokens = output.tokens.cpu()  # [T*196 + 1, D_llm]
-        timings.vision_ms = output.timings.vision_ms
-        timings.projector_ms = output.timings.projector_ms
+            output = self.vision.encode(pixels, settings)
+            tokens = output.tokens.cpu()  # [T'*n + 1, D_llm]
+        for name in ("vision_ms", "projector_ms", "stage1_ms", "importance_ms", "stage2_ms"):
+            setattr(timings, name, getattr(output.timings, name))
         timings.total_ms = (time.perf_counter() - start) * 1e3
 
-        grid_positions = list(range(self.vision.tokens_per_frame))
-        compression = CompressionResult(
-            method="none",
-            frames_after_merge=output.frames,
-            segments=[(index, index) for index in range(output.frames)],
-            kept=[grid_positions for _ in range(output.frames)],
-        )
+        vision_config, text_hidden = self.vision.config.vision_config, self.vision.hidden_size
+        trace = output.trace
         with self._count_lock:
             self.encodes_completed += 1
-        return EncodeResult(tokens=tokens, video=decoded, compression=compression, timings=timings)
+        return EncodeResult(
+            tokens=tokens,
+            video=decoded,
+            settings=settings,
+            trace=trace,
+            flops=encoder_flops(vision_config, text_hidden, trace.layer_frames, trace.frames_after_merge),
+            flops_uncompressed=encoder_flops(
+                vision_config, text_hidden, [num_frames] * self.vision.layers_to_run, num_frames
+            ),
+            uncompressed_tokens=num_frames * self.vision.tokens_per_frame + 1,
+            timings=timings,
+        )

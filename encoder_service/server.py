@@ -11,28 +11,16 @@ from encoder_service.video_decode import VideoError
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, tensor_pb2
 from videollm import wire
 from videollm.grpc_server import MiB, bind, make_server, run_until_signalled, set_serving
-from videollm.settings import CompressionSettings, EncoderSettings
+from videollm.proto_mapping import compression_from_proto, compression_to_proto
+from videollm.settings import EncoderSettings
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "videollm.v1.Encoder"
 
 
-def compression_from_proto(message: encoder_pb2.Compression) -> CompressionSettings | None:
-    if not message.method:
-        return None
-    try:
-        return CompressionSettings(method=message.method)
-    except ValueError as err:
-        raise EncodeRequestError(f"invalid compression settings: {err}") from err
-
-
-def compression_to_proto(settings: CompressionSettings) -> encoder_pb2.Compression:
-    return encoder_pb2.Compression(method=settings.method)
-
-
 def header_for(result: EncodeResult, tensor: tensor_pb2.TensorHeader, model_id: str) -> encoder_pb2.EncodeHeader:
-    info = result.compression
+    trace = result.trace
     return encoder_pb2.EncodeHeader(
         tensor=tensor,
         frames_sampled=len(result.video.frame_indices),
@@ -42,12 +30,18 @@ def header_for(result: EncodeResult, tensor: tensor_pb2.TensorHeader, model_id: 
         frame_indices=result.video.frame_indices,
         timings=encoder_pb2.EncodeTimings(**vars(result.timings)),
         compression=encoder_pb2.CompressionInfo(
-            method=info.method,
-            frames_after_merge=info.frames_after_merge,
-            segments=[encoder_pb2.Segment(first=a, last=b) for a, b in info.segments],
-            kept=[encoder_pb2.KeptPositions(positions=p) for p in info.kept],
+            method=result.settings.method,
+            frames_after_merge=trace.frames_after_merge,
+            segments=[encoder_pb2.Segment(first=a, last=b) for a, b in trace.segments],
+            kept=[encoder_pb2.KeptPositions(positions=p) for p in trace.kept],
+            settings=compression_to_proto(result.settings),
+            tokens_per_frame=trace.tokens_per_frame,
+            layer_frames=trace.layer_frames,
+            scaled_prune_layers=trace.prune_layers,
         ),
         model_id=model_id,
+        flops=encoder_pb2.EncoderFlops(encoder=result.flops, encoder_uncompressed=result.flops_uncompressed),
+        uncompressed_tokens=result.uncompressed_tokens,
     )
 
 
@@ -57,11 +51,11 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
 
     def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.ServicerContext):
         try:
-            result = self.engine.encode(
-                request.video,
-                num_frames=request.sampling.num_frames,
-                compression=compression_from_proto(request.compression),
-            )
+            try:
+                compression = compression_from_proto(request.compression, self.engine.settings.compression)
+            except ValueError as err:
+                raise EncodeRequestError(str(err)) from err
+            result = self.engine.encode(request.video, num_frames=request.sampling.num_frames, compression=compression)
         except (VideoError, EncodeRequestError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except Overloaded as err:

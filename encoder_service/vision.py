@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from encoder_service import earlytom
 from videollm.checkpoint import (
     NEWLINE,
     PROJECTOR,
@@ -26,18 +27,35 @@ from videollm.checkpoint import (
     read_tensors,
     resolve_dtype,
 )
+from videollm.settings import CompressionSettings
 
 
 @dataclass
 class VisionTimings:
     vision_ms: float = 0.0
     projector_ms: float = 0.0
+    stage1_ms: float = 0.0
+    importance_ms: float = 0.0
+    stage2_ms: float = 0.0
+
+
+@dataclass
+class CompressionTrace:
+    """What compression did, in terms a client can check."""
+
+    frames_after_merge: int
+    segments: list[tuple[int, int]]  # final segments in original frame indices, inclusive
+    kept: list[list[int]]  # per output frame, kept positions on the pooled grid (raster order)
+    tokens_per_frame: int
+    layer_frames: list[int]  # frames each encoder layer processed
+    prune_layers: list[int]  # after scaling to this encoder's depth
 
 
 @dataclass
 class VisionOutput:
     tokens: torch.Tensor  # [N, D_llm] visual tokens in LLM order, newline last
     frames: int
+    trace: CompressionTrace
     timings: VisionTimings = field(default_factory=VisionTimings)
 
 
@@ -96,25 +114,93 @@ class VisionEncoder:
         pooled = nn.functional.interpolate(grid, size=[self.pooled_grid, self.pooled_grid], mode="bilinear")
         return pooled.permute(0, 2, 3, 1).reshape(frames, -1, dim)  # [T, 196, D]
 
+    def importance(self, layer, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [T, S, D] entering `layer` -> [T, S] attention received per token (Stage II scores).
+
+        Recomputes only this layer's queries and keys; the layer itself still runs through SDPA.
+        """
+        frames, tokens, _ = hidden.shape
+        heads = self.config.vision_config.num_attention_heads
+        head_dim = self.config.vision_config.hidden_size // heads
+        x = layer.layer_norm1(hidden)
+        queries = layer.self_attn.q_proj(x).view(frames, tokens, heads, head_dim).transpose(1, 2)  # [T, H, S, dh]
+        keys = layer.self_attn.k_proj(x).view(frames, tokens, heads, head_dim).transpose(1, 2)  # [T, H, S, dh]
+        return earlytom.attention_received(queries, keys, head_dim**-0.5)
+
+    def _segments(self, hidden: torch.Tensor, settings: CompressionSettings) -> list[tuple[int, int]]:
+        similarity = earlytom.frame_similarity(hidden).tolist()
+        return earlytom.segment_frames(similarity, settings.tau, settings.ema, settings.max_window)
+
     @torch.inference_mode()
-    def encode(self, pixel_values: torch.Tensor) -> VisionOutput:
-        """pixel_values [T, 3, H, W] -> visual tokens [T*196 + 1, D_llm]."""
+    def encode(self, pixel_values: torch.Tensor, settings: CompressionSettings) -> VisionOutput:
+        """pixel_values [T, 3, H, W] -> visual tokens [N, D_llm] (N = T*196 + 1 without compression)."""
         timings = VisionTimings()
+        compress = settings.method == "earlytom"
+        prune = [p for p in settings.scaled_prune_layers(self.depth) if p < self.layers_to_run] if compress else []
+        score_layer = prune[-1] if prune else self.layers_to_run - 1
+
         start = time.perf_counter()
         pixels = pixel_values.to(self.device, self.dtype)
+        frames = pixels.shape[0]
         hidden = self.tower.embeddings(pixels)  # [T, S, D_vision]
-        for layer in self.tower.encoder.layers[: self.layers_to_run]:
+        spans = [(i, i) for i in range(frames)]  # original frames behind each live frame
+        scores = segments = None
+        layer_frames = []
+        for index, layer in enumerate(self.tower.encoder.layers[: self.layers_to_run]):
+            if compress and index == score_layer:
+                mark = time.perf_counter()
+                scores = self.importance(layer, hidden)  # [T', S]
+                timings.importance_ms += (time.perf_counter() - mark) * 1e3
+            layer_frames.append(hidden.shape[0])
             out = layer(hidden, None)
-            hidden = out[0] if isinstance(out, tuple) else out  # older transformers return a tuple
+            hidden = out[0] if isinstance(out, tuple) else out  # [T', S, D]; older transformers return a tuple
+            if index in prune:
+                mark = time.perf_counter()
+                similarity = earlytom.frame_similarity(hidden).tolist()
+                plan = earlytom.plan_fusion(
+                    similarity, earlytom.segment_frames(similarity, settings.tau, settings.ema, settings.max_window)
+                )
+                hidden = earlytom.fuse(hidden, plan)  # [T'', S, D]
+                spans = earlytom.merge_spans(spans, plan)
+                if scores is not None:
+                    scores = earlytom.fuse(scores, plan)
+                if index == score_layer:  # the final segments drive Stage II
+                    segments = self._segments(hidden, settings)
+                timings.stage1_ms += (time.perf_counter() - mark) * 1e3
+        if compress and segments is None:
+            segments = self._segments(hidden, settings)
         if self.drop_first_token:
             hidden = hidden[:, 1:]
+            scores = scores[:, 1:] if scores is not None else None
         _synchronize(self.device)
         timings.vision_ms = (time.perf_counter() - start) * 1e3
 
         start = time.perf_counter()
-        features = self.projector(hidden)  # [T, S, D_llm]
-        pooled = self.pool(features)  # [T, 196, D_llm]
-        tokens = torch.cat([pooled.reshape(-1, pooled.shape[-1]), self.newline[None]], dim=0)  # [T*196 + 1, D_llm]
+        features = self.pool(self.projector(hidden))  # [T', 196, D_llm]
         _synchronize(self.device)
         timings.projector_ms = (time.perf_counter() - start) * 1e3
-        return VisionOutput(tokens=tokens, frames=pixel_values.shape[0], timings=timings)
+
+        merged = features.shape[0]
+        grid = list(range(self.tokens_per_frame))
+        if compress:
+            start = time.perf_counter()
+            n = earlytom.tokens_per_frame(settings.retain_ratio, frames, merged, self.tokens_per_frame)
+            pooled_scores = earlytom.pool_scores(scores.float(), self.grid, self.pooled_grid)  # [T', 196]
+            selection = earlytom.select_tokens(
+                features, pooled_scores, segments, n, settings.d, settings.k, settings.beta
+            )
+            kept_tokens, kept = selection.tokens, selection.positions.tolist()  # [T', n, D]
+            _synchronize(self.device)
+            timings.stage2_ms = (time.perf_counter() - start) * 1e3
+        else:
+            n, kept_tokens, kept, segments = self.tokens_per_frame, features, [grid] * merged, [(i, i) for i in range(merged)]
+        tokens = torch.cat([kept_tokens.reshape(-1, kept_tokens.shape[-1]), self.newline[None]], dim=0)  # [T'*n + 1, D]
+        trace = CompressionTrace(
+            frames_after_merge=merged,
+            segments=[(spans[first][0], spans[last][1]) for first, last in segments],
+            kept=kept,
+            tokens_per_frame=n,
+            layer_frames=layer_frames,
+            prune_layers=prune,
+        )
+        return VisionOutput(tokens=tokens, frames=frames, trace=trace, timings=timings)

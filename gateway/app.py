@@ -28,7 +28,8 @@ from gateway.pipeline import ChatRequest, Outcome, Pipeline, VideoRequest
 from gateway.schemas import ChatCompletionRequest, TextPart, VideoPart
 from gateway.videos import VIDEO_ID, UploadStore, Video, decode_data_url, probe_video, too_large
 from protos.videollm.v1 import encoder_pb2_grpc, llm_pb2, llm_pb2_grpc
-from videollm.settings import GatewaySettings
+from videollm.proto_mapping import compression_from_proto
+from videollm.settings import CompressionSettings, GatewaySettings
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,12 @@ class Runtime:
         await self.encoders.close()
         await self.llms.close()
         await self.store.close()
+
+
+def compression_settings_dict(message) -> dict:
+    """The encoder's resolved compression settings, as the request's `videollm.compression` spells them."""
+    settings = compression_from_proto(message, CompressionSettings()) if message.method else None
+    return settings.model_dump() if settings is not None else {}
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -134,9 +141,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         video = None
         if video_url is not None:
             options = body.videollm
-            video = VideoRequest(await resolve_video(video_url), options.num_frames, options.compression)
+            overrides = options.compression.encoder_fields() if options.compression else {}
+            video = VideoRequest(await resolve_video(video_url), options.num_frames, overrides)
         elif body.videollm.num_frames is not None or body.videollm.compression is not None:
             raise bad_request("videollm options need a video_url content part", "videollm")
+        inner = None
+        if body.videollm.compression is not None and body.videollm.compression.inner is not None:
+            options = body.videollm.compression.inner
+            inner = llm_pb2.InnerCompression(enabled=options.enabled, layer=options.k or 0, drop_ratio=options.r or 0.0)
         sampling = llm_pb2.SamplingParams(
             max_tokens=body.max_completion_tokens or body.max_tokens or 0,
             temperature=body.temperature,
@@ -146,14 +158,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         )
         if body.seed is not None:
             sampling.seed = body.seed
-        return ChatRequest(messages, sampling, video)
+        return ChatRequest(messages, sampling, video, inner)
 
     def videollm_object(outcome: Outcome, received_at: float) -> dict:
         header, final = outcome.header, outcome.final
         now = time.perf_counter()
         ttft = (outcome.first_token_at or now) - received_at
+        encoded = header is not None and outcome.cache == "miss"
         timings = {
-            "encode": round(header.timings.total_ms, 3) if header is not None and outcome.cache == "miss" else 0.0,
+            "encode": round(header.timings.total_ms, 3) if encoded else 0.0,
             "prefill": round(final.timings.prefill_ms, 3) if final else None,
             "ttft": round(ttft * 1e3, 3),
             "total": round((now - received_at) * 1e3, 3),
@@ -173,9 +186,27 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 "frames": header.source_frames,
                 "frame_indices": list(header.frame_indices),
             }
+            info = header.compression
+            body["frames_after_merge"] = info.frames_after_merge
+            body["segments"] = [[s.first, s.last] for s in info.segments]
+            body["kept"] = [list(k.positions) for k in info.kept]
             body["compression"] = {
-                "method": header.compression.method,
-                "frames_after_merge": header.compression.frames_after_merge,
+                "method": info.method,
+                "tokens_per_frame": info.tokens_per_frame,
+                "uncompressed_tokens": header.uncompressed_tokens,
+                "layer_frames": list(info.layer_frames),
+                "settings": compression_settings_dict(info.settings),
+            }
+            body["encoder_timings_ms"] = {
+                name: round(getattr(header.timings, name + "_ms"), 3)
+                for name in ("decode", "preprocess", "queue", "vision", "stage1", "importance", "projector",
+                             "stage2", "total")
+            }
+            body["flops"] = {
+                "encoder": header.flops.encoder,
+                "encoder_uncompressed": header.flops.encoder_uncompressed,
+                "prefill": final.flops.prefill if final else None,
+                "prefill_uncompressed": final.flops.prefill_uncompressed if final else None,
             }
         return body
 

@@ -16,12 +16,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
+from pydantic import ValidationError
 
 from gateway.backends import ReplicaPool
 from gateway.cache import EncodedVideo, SingleFlight, TokenCache, cache_key
 from gateway.errors import APIError, bad_request, from_grpc
 from gateway.videos import Video
 from protos.videollm.v1 import encoder_pb2, llm_pb2, tensor_pb2
+from videollm.proto_mapping import compression_from_proto, compression_to_proto, describe_validation_error
 from videollm.settings import CompressionSettings, GatewaySettings
 from videollm.wire import CHUNK_BYTES
 
@@ -32,7 +34,7 @@ log = logging.getLogger(__name__)
 class VideoRequest:
     video: Video
     num_frames: int | None
-    compression: CompressionSettings | None
+    compression: dict  # overrides of the encoder's default compression settings
 
 
 @dataclass
@@ -40,6 +42,7 @@ class ChatRequest:
     messages: list[llm_pb2.ChatMessage]
     sampling: llm_pb2.SamplingParams
     video: VideoRequest | None
+    inner: llm_pb2.InnerCompression | None = None  # EarlyTom Stage III in the LLM
     received_at: float = field(default_factory=time.perf_counter)
 
 
@@ -152,12 +155,17 @@ class Pipeline:
         return self._encoder_info
 
     async def resolve(self, request: VideoRequest) -> tuple[int, CompressionSettings]:
+        """The request's frame count and compression settings, with the encoder's defaults filled in."""
         info = await self.encoder_info()
         frames = request.num_frames or info.default_frames
         limit = min(self.settings.max_frames, info.max_frames)
         if frames > limit:
             raise bad_request(f"num_frames must be at most {limit}, got {frames}", "videollm.num_frames")
-        compression = request.compression or CompressionSettings(method=info.default_compression.method or "none")
+        defaults = compression_from_proto(info.default_compression, CompressionSettings())
+        try:
+            compression = CompressionSettings.model_validate({**defaults.model_dump(), **request.compression})
+        except ValidationError as err:
+            raise bad_request(describe_validation_error(err, "videollm.compression"), "videollm.compression") from err
         return frames, compression
 
     async def _open_encode(self, request: VideoRequest, frames: int, compression: CompressionSettings):
@@ -165,7 +173,7 @@ class Pipeline:
         message = encoder_pb2.EncodeRequest(
             video=request.video.data,
             sampling=encoder_pb2.FrameSampling(num_frames=frames),
-            compression=encoder_pb2.Compression(method=compression.method),
+            compression=compression_to_proto(compression),
         )
         tried: set[str] = set()
         while (replica := self.encoders.pick(exclude=tried)) is not None:
@@ -189,7 +197,7 @@ class Pipeline:
         """The request's visual tokens, from the cache, a concurrent identical encode, or the encoder."""
         frames, compression = await self.resolve(request)
         info = await self.encoder_info()
-        key = cache_key(info.model_id, request.video.sha256, frames, compression.model_dump())
+        key = cache_key(info.model_id, request.video.sha256, frames, compression.cache_fields())
         cached = await self.cache.get(key)
         if cached is not None:
             outcome.cache = "hit"
@@ -233,11 +241,12 @@ class Pipeline:
         retried on another one, replaying the visual tokens from memory.
         """
         source = None
-        setup = llm_pb2.GenerateSetup(messages=request.messages, sampling=request.sampling)
+        setup = llm_pb2.GenerateSetup(messages=request.messages, sampling=request.sampling, inner=request.inner)
         if request.video is not None:
             source = await self.visual_source(request.video, outcome)
             outcome.header = source.header
             setup.visual.CopyFrom(source.header.tensor)
+            setup.uncompressed_visual_tokens = source.header.uncompressed_tokens
         chunks = source.chunks if source is not None else None
         tried: set[str] = set()
         while (replica := self.llms.pick(exclude=tried)) is not None:

@@ -6,7 +6,6 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from videollm.settings import CompressionSettings
 
 
 class TextPart(BaseModel):
@@ -35,13 +34,44 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class InnerCompressionOptions(BaseModel):
+    """EarlyTom Stage III inside the LLM (off unless given; it disables prefix reuse)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    k: int | None = Field(None, ge=1, description="decoder layer (default 18 of 28, scaled to the depth)")
+    r: float | None = Field(None, gt=0.0, lt=1.0, description="share of visual tokens merged away (default 0.5)")
+
+
+class CompressionOverrides(BaseModel):
+    """Overrides of the encoder's compression defaults; limits are checked on the merged settings
+    (see videollm.settings.CompressionSettings for every field's meaning, range and default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["none", "earlytom"] | None = None
+    retain_ratio: float | None = None
+    tau: float | None = None
+    max_window: int | None = None
+    ema: float | None = None
+    prune_layers: list[int] | None = None
+    d: float | None = None
+    k: int | None = None
+    beta: float | None = None
+    inner: InnerCompressionOptions | None = None
+
+    def encoder_fields(self) -> dict:
+        return self.model_dump(exclude_none=True, exclude={"inner"})
+
+
 class VideoOptions(BaseModel):
     """Per-request overrides of frame sampling and compression."""
 
     model_config = ConfigDict(extra="forbid")
 
     num_frames: int | None = Field(None, ge=1, description="frames sampled uniformly over the clip")
-    compression: CompressionSettings | None = None
+    compression: CompressionOverrides | None = None
 
 
 class ChatCompletionRequest(BaseModel):

@@ -19,6 +19,7 @@ from llm_service.model import LanguageModel
 from llm_service.prompt import VIDEO, Message, PromptError, render
 from llm_service.sampling import Sampler, SamplingParams
 from videollm.checkpoint import check_model_dir, model_identity
+from videollm.flops import prefill_flops
 from videollm.settings import LLMSettings
 
 
@@ -38,6 +39,7 @@ class GenerationRequest:
     is_cancelled: Callable[[], bool] = lambda: False
     arrived_at: float = field(default_factory=time.perf_counter)
     receive_ms: float = 0.0
+    uncompressed_visual_tokens: int = 0  # what the video would cost without compression (FLOPs estimate)
 
 
 @dataclass
@@ -57,6 +59,8 @@ class Final:
     decode_ms: float
     decode_tokens_per_s: float
     receive_ms: float
+    prefill_flops: float = 0.0
+    prefill_flops_uncompressed: float = 0.0
 
 
 class StopMatcher:
@@ -205,10 +209,13 @@ class LLMEngine:
         decode_ms = _ms_since(decode_start)
         with self._count_lock:
             self.generations_completed += 1
+        visual_tokens = 0 if request.visual is None else request.visual.shape[0]
+        text_tokens = len(ids) - (request.visual is not None)
+        uncompressed = request.uncompressed_visual_tokens or visual_tokens
         yield Final(
             finish_reason=finish,
-            prompt_tokens=len(ids) - (request.visual is not None),
-            visual_tokens=0 if request.visual is None else request.visual.shape[0],
+            prompt_tokens=text_tokens,
+            visual_tokens=visual_tokens,
             completion_tokens=completion,
             queue_ms=queue_ms,
             prefill_ms=prefill_ms,
@@ -216,4 +223,6 @@ class LLMEngine:
             decode_ms=decode_ms,
             decode_tokens_per_s=(completion - 1) / (decode_ms / 1e3) if completion > 1 and decode_ms > 0 else 0.0,
             receive_ms=request.receive_ms,
+            prefill_flops=prefill_flops(lm.model.config, text_tokens + visual_tokens),
+            prefill_flops_uncompressed=prefill_flops(lm.model.config, text_tokens + uncompressed),
         )

@@ -56,6 +56,9 @@ def final_to_proto(final) -> llm_pb2.GenerateResponse:
                 decode_tokens_per_s=final.decode_tokens_per_s,
                 receive_ms=final.receive_ms,
             ),
+            flops=llm_pb2.PrefillFlops(
+                prefill=final.prefill_flops, prefill_uncompressed=final.prefill_flops_uncompressed
+            ),
         )
     )
 
@@ -87,6 +90,7 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
             is_cancelled=cancelled.is_set,
             arrived_at=arrived,
             receive_ms=(time.perf_counter() - arrived) * 1e3,
+            uncompressed_visual_tokens=setup.uncompressed_visual_tokens,
         )
 
     def Generate(self, request_iterator, context: grpc.ServicerContext):

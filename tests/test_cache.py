@@ -45,8 +45,9 @@ def test_a_different_question_about_a_cached_video_hits(gateway, encoder_service
 
 def test_changing_the_frame_count_misses(gateway, encoder_service, clean_redis):
     video = data_url(make_video("mp4", seed=23))
-    ask(gateway.url, video_chat(video, videollm={"num_frames": 4}))
-    other = ask(gateway.url, video_chat(video, videollm={"num_frames": 5}))
+    full = {"method": "none"}
+    ask(gateway.url, video_chat(video, videollm={"num_frames": 4, "compression": full}))
+    other = ask(gateway.url, video_chat(video, videollm={"num_frames": 5, "compression": full}))
     assert other.headers["x-videollm-cache"] == "miss"
     assert other.json()["videollm"]["visual_tokens"] == 5 * 196 + 1
     assert len(clean_redis.keys(TOKEN_KEYS)) == 2
@@ -54,8 +55,9 @@ def test_changing_the_frame_count_misses(gateway, encoder_service, clean_redis):
 
 def test_default_and_explicit_settings_share_one_entry(gateway, encoder_service, clean_redis):
     video = data_url(make_video("mp4", seed=24, n_frames=40))
-    ask(gateway.url, video_chat(video))  # the encoder's default: 32 frames, no compression
-    explicit = ask(gateway.url, video_chat(video, videollm={"num_frames": 32, "compression": {"method": "none"}}))
+    ask(gateway.url, video_chat(video))  # the encoder's defaults: 32 frames, EarlyTom at its defaults
+    explicit = ask(gateway.url, video_chat(video, videollm={
+        "num_frames": 32, "compression": {"method": "earlytom", "retain_ratio": 0.2, "prune_layers": [23, 8, 21]}}))
     assert explicit.headers["x-videollm-cache"] == "hit"
 
 
@@ -182,7 +184,8 @@ def test_a_token_tensor_over_4_mib_crosses_encoder_gateway_redis_and_llm_intact(
     video = make_video("mp4", n_frames=60, seed=31)
     frames = 48
     question = "What happens?"
-    answer = ask(gateway.url, video_chat(data_url(video), question, videollm={"num_frames": frames}, max_tokens=8))
+    answer = ask(gateway.url, video_chat(data_url(video), question, max_tokens=8,
+                                         videollm={"num_frames": frames, "compression": {"method": "none"}}))
     (key,) = clean_redis.keys(TOKEN_KEYS)
     cached = EncodedVideo.from_bytes(clean_redis.get(key))
     assert cached.header.tensor.num_bytes > 4 << 20

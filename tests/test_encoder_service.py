@@ -16,7 +16,7 @@ def stub(encoder_service):
         yield encoder_pb2_grpc.EncoderStub(channel)
 
 
-def encode(stub, video: bytes, frames: int = 4, method: str = ""):
+def encode(stub, video: bytes, frames: int = 4, method: str = "none"):
     return list(stub.Encode(encoder_pb2.EncodeRequest(
         video=video, sampling=encoder_pb2.FrameSampling(num_frames=frames),
         compression=encoder_pb2.Compression(method=method))))

@@ -16,6 +16,8 @@ from encoder_service.video_decode import decode_video
 from helpers import data_url, video_chat
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc
 from videollm import wire
+from videollm.proto_mapping import compression_to_proto
+from videollm.settings import CompressionSettings
 from videos import make_video
 
 FRAMES = 8
@@ -33,20 +35,33 @@ def pixels_of(engine, video: bytes, frames: int) -> torch.Tensor:
     return engine.processor(videos=[decoded.frames], return_tensors="pt")["pixel_values_videos"]  # [1, T, 3, H, W]
 
 
-def encode_over_grpc(address: str, video: bytes, frames: int) -> tuple[encoder_pb2.EncodeHeader, torch.Tensor]:
+NO_COMPRESSION = CompressionSettings(method="none")
+
+
+def encode_over_grpc(
+    address: str, video: bytes, frames: int, compression: CompressionSettings = NO_COMPRESSION
+) -> tuple[encoder_pb2.EncodeHeader, torch.Tensor]:
     with grpc.insecure_channel(address) as channel:
         responses = encoder_pb2_grpc.EncoderStub(channel).Encode(
-            encoder_pb2.EncodeRequest(video=video, sampling=encoder_pb2.FrameSampling(num_frames=frames))
+            encoder_pb2.EncodeRequest(video=video, sampling=encoder_pb2.FrameSampling(num_frames=frames),
+                                      compression=compression_to_proto(compression))
         )
         header = next(responses).header
         tokens = wire.assemble(header.tensor, (r.chunk.data for r in responses), max_bytes=1 << 30)
     return header, tokens
 
 
+FULL_TOKEN_SETTINGS = {
+    "method none": NO_COMPRESSION,
+    "retain 1.0 without prune layers": CompressionSettings(method="earlytom", retain_ratio=1.0, prune_layers=[]),
+}
+
+
+@pytest.mark.parametrize("settings", FULL_TOKEN_SETTINGS.values(), ids=FULL_TOKEN_SETTINGS.keys())
 @pytest.mark.parametrize("fmt", ["mp4", "webm", "mov", "avi"])
-def test_encoder_tokens_equal_get_video_features(encoder_service, full_model, fmt):
+def test_encoder_tokens_equal_get_video_features(encoder_service, full_model, fmt, settings):
     video = make_video(fmt, n_frames=40, seed=3)
-    header, tokens = encode_over_grpc(encoder_service.address, video, FRAMES)
+    header, tokens = encode_over_grpc(encoder_service.address, video, FRAMES, settings)
     with torch.inference_mode():
         reference = full_model.model.get_video_features(
             pixels_of(encoder_service.engine, video, FRAMES),
@@ -66,13 +81,17 @@ def test_encoder_samples_frames_uniformly_over_the_whole_clip(encoder_service):
     assert header.source_duration_s == pytest.approx(50 / 24, abs=0.05)
 
 
-def test_greedy_answer_through_rest_equals_monolithic_generate(gateway, encoder_service, full_model, clean_redis):
+@pytest.mark.parametrize("compression", [{"method": "none"}, {"retain_ratio": 1.0, "prune_layers": []}],
+                         ids=["method none", "retain 1.0 without prune layers"])
+def test_greedy_answer_through_rest_equals_monolithic_generate(gateway, encoder_service, full_model, clean_redis,
+                                                                compression):
     video = make_video("mp4", n_frames=40, seed=5)
     question = "Describe what happens, then count the moving squares."
     max_tokens = 24
     response = httpx.post(
         f"{gateway.url}/v1/chat/completions",
-        json=video_chat(data_url(video), question, max_tokens=max_tokens, videollm={"num_frames": FRAMES}),
+        json=video_chat(data_url(video), question, max_tokens=max_tokens,
+                        videollm={"num_frames": FRAMES, "compression": compression}),
         timeout=120,
     )
     assert response.status_code == 200, response.text

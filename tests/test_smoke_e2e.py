@@ -5,7 +5,7 @@ from videos import make_video
 
 
 def test_a_video_question_is_answered_and_then_cached(gateway, encoder_service, clean_redis):
-    body = video_chat(data_url(make_video("mp4", seed=11)), videollm={"num_frames": 8})
+    body = video_chat(data_url(make_video("mp4", seed=11)), videollm={"num_frames": 8, "compression": {"method": "none"}})
     before = encoder_calls(encoder_service)
     first = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=120)
     assert first.status_code == 200, first.text

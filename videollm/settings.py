@@ -25,12 +25,45 @@ def default_model_dir() -> Path:
     return cache / "videollm" / "tiny-llava-onevision"
 
 
+REFERENCE_ENCODER_DEPTH = 26  # prune_layers are given for LLaVA-OneVision's 26-layer SigLIP
+
+
 class CompressionSettings(BaseModel):
-    """Token compression inside the encoder. method "none" keeps every token (T*196 + 1)."""
+    """Token compression inside the encoder (EarlyTom, shared/EARLYTOM.md).
+
+    method "none" keeps every token (T*196 + 1). The defaults are the authors' published general
+    defaults for LLaVA-OneVision. prune_layers are 0-based indices of the 26-layer encoder; an
+    encoder of another depth scales them proportionally (see `scaled_prune_layers`).
+    """
 
     model_config = {"extra": "forbid"}
 
-    method: Literal["none", "earlytom"] = "none"
+    method: Literal["none", "earlytom"] = "earlytom"
+    retain_ratio: float = Field(0.2, gt=0.0, le=1.0, description="share of the T*196 tokens kept")
+    tau: float = Field(0.5, ge=-1.0, le=1.0, description="segment boundary: smoothed similarity below tau")
+    max_window: int = Field(6, ge=1, le=1024, description="most frames in one segment")
+    ema: float = Field(0.9, gt=0.0, le=1.0, description="weight of the newest frame in the smoothed similarity")
+    prune_layers: list[int] = Field([8, 21, 23], max_length=REFERENCE_ENCODER_DEPTH,
+                                    description="encoder layers (0-25) after which frames merge")
+    d: float = Field(0.0, ge=0.0, le=1.0, description="share of a dynamic frame's budget for contextual tokens")
+    k: int = Field(7, ge=1, le=196, description="neighbours in DPC-KNN density")
+    beta: float = Field(0.6, ge=0.0, le=1.0, description="weight of a cluster centre against its members")
+
+    @field_validator("prune_layers")
+    @classmethod
+    def _layers_in_depth(cls, layers: list[int]) -> list[int]:
+        bad = [layer for layer in layers if not 0 <= layer < REFERENCE_ENCODER_DEPTH]
+        if bad:
+            raise ValueError(f"prune_layers must be encoder layer indices in 0..{REFERENCE_ENCODER_DEPTH - 1}, got {bad}")
+        return sorted(set(layers))
+
+    def scaled_prune_layers(self, depth: int) -> list[int]:
+        """The prune layers for an encoder with `depth` layers (identity for 26)."""
+        return sorted({min(depth - 1, round(layer * depth / REFERENCE_ENCODER_DEPTH)) for layer in self.prune_layers})
+
+    def cache_fields(self) -> dict:
+        """What the tokens depend on: every field for EarlyTom, only the method for "none"."""
+        return self.model_dump() if self.method == "earlytom" else {"method": "none"}
 
 
 class _ServiceSettings(BaseSettings):
@@ -49,7 +82,7 @@ class _ServiceSettings(BaseSettings):
 
 
 class EncoderSettings(_ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="VIDEOLLM_ENCODER_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="VIDEOLLM_ENCODER_", env_nested_delimiter="__", extra="ignore")
 
     port: int = 50051
     default_frames: int = Field(32, ge=1)

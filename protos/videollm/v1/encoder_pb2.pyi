@@ -57,11 +57,17 @@ class Compression(_message.Message):
     tau: float
     max_window: int
     ema: float
-    prune_layers: _containers.RepeatedScalarFieldContainer[int]
+    prune_layers: LayerList
     d: float
     k: int
     beta: float
-    def __init__(self, method: _Optional[str] = ..., retain_ratio: _Optional[float] = ..., tau: _Optional[float] = ..., max_window: _Optional[int] = ..., ema: _Optional[float] = ..., prune_layers: _Optional[_Iterable[int]] = ..., d: _Optional[float] = ..., k: _Optional[int] = ..., beta: _Optional[float] = ...) -> None: ...
+    def __init__(self, method: _Optional[str] = ..., retain_ratio: _Optional[float] = ..., tau: _Optional[float] = ..., max_window: _Optional[int] = ..., ema: _Optional[float] = ..., prune_layers: _Optional[_Union[LayerList, _Mapping]] = ..., d: _Optional[float] = ..., k: _Optional[int] = ..., beta: _Optional[float] = ...) -> None: ...
+
+class LayerList(_message.Message):
+    __slots__ = ("layers",)
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("video", "sampling", "compression", "request_id")
@@ -90,35 +96,57 @@ class KeptPositions(_message.Message):
     def __init__(self, positions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CompressionInfo(_message.Message):
-    __slots__ = ("method", "frames_after_merge", "segments", "kept")
+    __slots__ = ("method", "frames_after_merge", "segments", "kept", "settings", "tokens_per_frame", "layer_frames", "scaled_prune_layers")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     FRAMES_AFTER_MERGE_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     KEPT_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_FRAME_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    SCALED_PRUNE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     method: str
     frames_after_merge: int
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
     kept: _containers.RepeatedCompositeFieldContainer[KeptPositions]
-    def __init__(self, method: _Optional[str] = ..., frames_after_merge: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., kept: _Optional[_Iterable[_Union[KeptPositions, _Mapping]]] = ...) -> None: ...
+    settings: Compression
+    tokens_per_frame: int
+    layer_frames: _containers.RepeatedScalarFieldContainer[int]
+    scaled_prune_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, method: _Optional[str] = ..., frames_after_merge: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., kept: _Optional[_Iterable[_Union[KeptPositions, _Mapping]]] = ..., settings: _Optional[_Union[Compression, _Mapping]] = ..., tokens_per_frame: _Optional[int] = ..., layer_frames: _Optional[_Iterable[int]] = ..., scaled_prune_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EncodeTimings(_message.Message):
-    __slots__ = ("decode_ms", "preprocess_ms", "vision_ms", "projector_ms", "queue_ms", "total_ms")
+    __slots__ = ("decode_ms", "preprocess_ms", "vision_ms", "projector_ms", "queue_ms", "total_ms", "stage1_ms", "importance_ms", "stage2_ms")
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     PREPROCESS_MS_FIELD_NUMBER: _ClassVar[int]
     VISION_MS_FIELD_NUMBER: _ClassVar[int]
     PROJECTOR_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    STAGE1_MS_FIELD_NUMBER: _ClassVar[int]
+    IMPORTANCE_MS_FIELD_NUMBER: _ClassVar[int]
+    STAGE2_MS_FIELD_NUMBER: _ClassVar[int]
     decode_ms: float
     preprocess_ms: float
     vision_ms: float
     projector_ms: float
     queue_ms: float
     total_ms: float
-    def __init__(self, decode_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., vision_ms: _Optional[float] = ..., projector_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    stage1_ms: float
+    importance_ms: float
+    stage2_ms: float
+    def __init__(self, decode_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., vision_ms: _Optional[float] = ..., projector_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., stage1_ms: _Optional[float] = ..., importance_ms: _Optional[float] = ..., stage2_ms: _Optional[float] = ...) -> None: ...
+
+class EncoderFlops(_message.Message):
+    __slots__ = ("encoder", "encoder_uncompressed")
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_UNCOMPRESSED_FIELD_NUMBER: _ClassVar[int]
+    encoder: float
+    encoder_uncompressed: float
+    def __init__(self, encoder: _Optional[float] = ..., encoder_uncompressed: _Optional[float] = ...) -> None: ...
 
 class EncodeHeader(_message.Message):
-    __slots__ = ("tensor", "frames_sampled", "source_duration_s", "source_fps", "source_frames", "frame_indices", "timings", "compression", "model_id")
+    __slots__ = ("tensor", "frames_sampled", "source_duration_s", "source_fps", "source_frames", "frame_indices", "timings", "compression", "model_id", "flops", "uncompressed_tokens")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     FRAMES_SAMPLED_FIELD_NUMBER: _ClassVar[int]
     SOURCE_DURATION_S_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +156,8 @@ class EncodeHeader(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    FLOPS_FIELD_NUMBER: _ClassVar[int]
+    UNCOMPRESSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     tensor: _tensor_pb2.TensorHeader
     frames_sampled: int
     source_duration_s: float
@@ -137,7 +167,9 @@ class EncodeHeader(_message.Message):
     timings: EncodeTimings
     compression: CompressionInfo
     model_id: str
-    def __init__(self, tensor: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., frames_sampled: _Optional[int] = ..., source_duration_s: _Optional[float] = ..., source_fps: _Optional[float] = ..., source_frames: _Optional[int] = ..., frame_indices: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[EncodeTimings, _Mapping]] = ..., compression: _Optional[_Union[CompressionInfo, _Mapping]] = ..., model_id: _Optional[str] = ...) -> None: ...
+    flops: EncoderFlops
+    uncompressed_tokens: int
+    def __init__(self, tensor: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., frames_sampled: _Optional[int] = ..., source_duration_s: _Optional[float] = ..., source_fps: _Optional[float] = ..., source_frames: _Optional[int] = ..., frame_indices: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[EncodeTimings, _Mapping]] = ..., compression: _Optional[_Union[CompressionInfo, _Mapping]] = ..., model_id: _Optional[str] = ..., flops: _Optional[_Union[EncoderFlops, _Mapping]] = ..., uncompressed_tokens: _Optional[int] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("header", "chunk")

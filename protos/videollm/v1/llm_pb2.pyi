@@ -61,17 +61,31 @@ class SamplingParams(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class InnerCompression(_message.Message):
+    __slots__ = ("enabled", "layer", "drop_ratio")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    DROP_RATIO_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    layer: int
+    drop_ratio: float
+    def __init__(self, enabled: _Optional[bool] = ..., layer: _Optional[int] = ..., drop_ratio: _Optional[float] = ...) -> None: ...
+
 class GenerateSetup(_message.Message):
-    __slots__ = ("messages", "sampling", "visual", "request_id")
+    __slots__ = ("messages", "sampling", "visual", "request_id", "uncompressed_visual_tokens", "inner")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     VISUAL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    UNCOMPRESSED_VISUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    INNER_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     sampling: SamplingParams
     visual: _tensor_pb2.TensorHeader
     request_id: str
-    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., visual: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    uncompressed_visual_tokens: int
+    inner: InnerCompression
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., visual: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., request_id: _Optional[str] = ..., uncompressed_visual_tokens: _Optional[int] = ..., inner: _Optional[_Union[InnerCompression, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("setup", "visual_chunk")
@@ -113,15 +127,25 @@ class GenerateTimings(_message.Message):
     receive_ms: float
     def __init__(self, queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., decode_tokens_per_s: _Optional[float] = ..., receive_ms: _Optional[float] = ...) -> None: ...
 
+class PrefillFlops(_message.Message):
+    __slots__ = ("prefill", "prefill_uncompressed")
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_UNCOMPRESSED_FIELD_NUMBER: _ClassVar[int]
+    prefill: float
+    prefill_uncompressed: float
+    def __init__(self, prefill: _Optional[float] = ..., prefill_uncompressed: _Optional[float] = ...) -> None: ...
+
 class GenerateFinal(_message.Message):
-    __slots__ = ("finish_reason", "usage", "timings")
+    __slots__ = ("finish_reason", "usage", "timings", "flops")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    FLOPS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     usage: Usage
     timings: GenerateTimings
-    def __init__(self, finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[GenerateTimings, _Mapping]] = ...) -> None: ...
+    flops: PrefillFlops
+    def __init__(self, finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[GenerateTimings, _Mapping]] = ..., flops: _Optional[_Union[PrefillFlops, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "final")
