@@ -1,7 +1,7 @@
 """EarlyTom token compression as pure tensor functions (see shared/EARLYTOM.md).
 
 Stage I (frame merging between encoder layers):
-  `frame_similarity` -> `segment_frames` -> `plan_fusion` -> `fuse`
+  `normalize_frames` -> `segment_frames` -> `plan_fusion` -> `fuse`
 Stage II (decoupled spatial selection after projector and pooling):
   `attention_received` (importance scores at one layer, chunked over queries) -> `pool_scores`
   -> `select_tokens` (dominant top-k or DPC-KNN context on dynamic frames, windowed maxima on
@@ -23,27 +23,38 @@ from torch import nn
 # -- Stage I: segmentation and frame fusion ------------------------------------------------------
 
 
-def frame_similarity(hidden: torch.Tensor) -> torch.Tensor:
-    """hidden [T, S, D] -> [T, T]: mean over positions of the cosine similarity of two frames."""
-    normed = nn.functional.normalize(hidden.float(), dim=-1)  # [T, S, D]
-    flat = normed.reshape(normed.shape[0], -1)  # [T, S*D]
-    return (flat @ flat.T) / hidden.shape[1]  # [T, T]
+def normalize_frames(hidden: torch.Tensor) -> torch.Tensor:
+    """hidden [T, S, D] -> [T, S, D] float32 unit token vectors."""
+    return nn.functional.normalize(hidden.float(), dim=-1)
 
 
-def segment_frames(similarity: list[list[float]], tau: float, ema: float, max_window: int) -> list[tuple[int, int]]:
-    """Streaming segmentation: [(first, last)] inclusive frame indices, covering every frame in order.
+def similarity(normed: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of the cosine similarity of frames a[p] and b[p]: [P] for index tensors [P].
+
+    Computed pair by pair with one elementwise product and row reductions, so identical frames
+    always give identical values (a matrix product could round them differently).
+    """
+    return (normed[a] * normed[b]).sum(dim=-1).mean(dim=-1)  # [P]
+
+
+def segment_frames(normed: torch.Tensor, tau: float, ema: float, max_window: int) -> list[tuple[int, int]]:
+    """Streaming segmentation of normed [T, S, D]: [(first, last)] inclusive, covering every frame in order.
 
     A segment starts at frame i when the smoothed similarity to the segment's first frame falls
     below tau, or when the segment already holds max_window frames (no segment is longer).
     """
-    count = len(similarity)
+    count = normed.shape[0]
     segments: list[tuple[int, int]] = []
     start, smoothed = 0, 1.0
+    to_start: list[float] = []  # similarity of frames start.. to frame start
     for i in range(1, count):
-        smoothed = ema * similarity[i][start] + (1.0 - ema) * smoothed
+        if i - start >= len(to_start):  # one device round trip per segment, not per frame
+            later = torch.arange(start, count, device=normed.device)
+            to_start = similarity(normed, later, torch.full_like(later, start)).tolist()
+        smoothed = ema * to_start[i - start] + (1.0 - ema) * smoothed
         if smoothed < tau or i - start >= max_window:
             segments.append((start, i - 1))
-            start, smoothed = i, 1.0
+            start, smoothed, to_start = i, 1.0, []
     if count:
         segments.append((start, count - 1))
     return segments
@@ -55,8 +66,15 @@ class FusedFrame:
     weights: tuple[float, ...]  # their weights, summing to 1
 
 
-def plan_fusion(similarity: list[list[float]], segments: list[tuple[int, int]]) -> list[FusedFrame]:
+def plan_fusion(normed: torch.Tensor, segments: list[tuple[int, int]]) -> list[FusedFrame]:
     """Which frames survive and which middle frames fuse pairwise, segment by segment."""
+    long_segments = [(first, last) for first, last in segments if last - first + 1 > 2]
+    device = normed.device
+    ends = torch.tensor(long_segments, device=device).view(-1, 2)
+    tau_seg = dict(zip(long_segments, similarity(normed, ends[:, 0], ends[:, 1]).tolist()))
+    adjacent = torch.arange(normed.shape[0] - 1, device=device)
+    next_similarity = similarity(normed, adjacent, adjacent + 1).tolist()  # [T-1]: frame i vs i+1
+
     plan: list[FusedFrame] = []
     for first, last in segments:
         if last - first + 1 <= 2:
@@ -64,14 +82,13 @@ def plan_fusion(similarity: list[list[float]], segments: list[tuple[int, int]]) 
             continue
         plan.append(FusedFrame((first,), (1.0,)))
         middle = list(range(first + 1, last))
-        tau_seg = similarity[first][last]
-        pair = [similarity[a][b] for a, b in zip(middle, middle[1:])]  # a_j for each adjacent pair
+        pair = [next_similarity[i] for i in middle[:-1]]  # a_j: middle frame j vs j+1
         j = 0
         while j < len(middle):
             if j < len(pair):
                 is_last_pair = j == len(pair) - 1
                 a_j = pair[j]
-                if a_j >= tau_seg and (is_last_pair or a_j >= pair[j + 1]):
+                if a_j >= tau_seg[(first, last)] and (is_last_pair or a_j >= pair[j + 1]):
                     if is_last_pair:
                         w = 0.5
                     else:

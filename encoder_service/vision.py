@@ -128,8 +128,8 @@ class VisionEncoder:
         return earlytom.attention_received(queries, keys, head_dim**-0.5)
 
     def _segments(self, hidden: torch.Tensor, settings: CompressionSettings) -> list[tuple[int, int]]:
-        similarity = earlytom.frame_similarity(hidden).tolist()
-        return earlytom.segment_frames(similarity, settings.tau, settings.ema, settings.max_window)
+        normed = earlytom.normalize_frames(hidden)
+        return earlytom.segment_frames(normed, settings.tau, settings.ema, settings.max_window)
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor, settings: CompressionSettings) -> VisionOutput:
@@ -156,9 +156,9 @@ class VisionEncoder:
             hidden = out[0] if isinstance(out, tuple) else out  # [T', S, D]; older transformers return a tuple
             if index in prune:
                 mark = time.perf_counter()
-                similarity = earlytom.frame_similarity(hidden).tolist()
+                normed = earlytom.normalize_frames(hidden)  # [T', S, D] float32
                 plan = earlytom.plan_fusion(
-                    similarity, earlytom.segment_frames(similarity, settings.tau, settings.ema, settings.max_window)
+                    normed, earlytom.segment_frames(normed, settings.tau, settings.ema, settings.max_window)
                 )
                 hidden = earlytom.fuse(hidden, plan)  # [T'', S, D]
                 spans = earlytom.merge_spans(spans, plan)

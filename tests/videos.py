@@ -47,3 +47,23 @@ def encode(frames: np.ndarray, fmt: str = "mp4", fps: int = 24) -> bytes:
 
 def make_video(fmt: str = "mp4", n_frames: int = 48, seed: int = 0, width: int = 160, height: int = 120) -> bytes:
     return encode(moving_frames(n_frames, width, height, seed), fmt)
+
+
+def still_frames(n: int, width: int = 160, height: int = 120, seed: int = 0) -> np.ndarray:
+    """[n, H, W, 3]: the same frame n times (a perfectly still clip)."""
+    return np.repeat(moving_frames(1, width, height, seed), n, axis=0)
+
+
+def scene_cut_frames(scenes: int, per_scene: int, width: int = 160, height: int = 120) -> np.ndarray:
+    """[scenes * per_scene, H, W, 3]: still scenes with hard cuts between them (unrelated random images)."""
+    rng = np.random.default_rng(1234)
+    images = [rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8) for _ in range(scenes)]
+    return np.concatenate([np.repeat(image[None], per_scene, axis=0) for image in images])
+
+
+def make_still_video(fmt: str = "mp4", n_frames: int = 32) -> bytes:
+    return encode(still_frames(n_frames), fmt)
+
+
+def make_scene_cut_video(scenes: int = 4, per_scene: int = 12, fmt: str = "mp4") -> bytes:
+    return encode(scene_cut_frames(scenes, per_scene), fmt)
