@@ -70,7 +70,7 @@ def plan_fusion(normed: torch.Tensor, segments: list[tuple[int, int]]) -> list[F
     """Which frames survive and which middle frames fuse pairwise, segment by segment."""
     long_segments = [(first, last) for first, last in segments if last - first + 1 > 2]
     device = normed.device
-    ends = torch.tensor(long_segments, device=device).view(-1, 2)
+    ends = torch.tensor(long_segments, dtype=torch.long, device=device).view(-1, 2)
     tau_seg = dict(zip(long_segments, similarity(normed, ends[:, 0], ends[:, 1]).tolist()))
     adjacent = torch.arange(normed.shape[0] - 1, device=device)
     next_similarity = similarity(normed, adjacent, adjacent + 1).tolist()  # [T-1]: frame i vs i+1

@@ -7,6 +7,7 @@ token. One request at a time holds the device; the time spent waiting for it is 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llm_service.detokenizer import IncrementalDetokenizer
+from llm_service.inner_merge import InnerMerge, InnerMergeSettings
 from llm_service.model import LanguageModel
 from llm_service.prompt import VIDEO, Message, PromptError, render
 from llm_service.sampling import Sampler, SamplingParams
@@ -40,6 +42,7 @@ class GenerationRequest:
     arrived_at: float = field(default_factory=time.perf_counter)
     receive_ms: float = 0.0
     uncompressed_visual_tokens: int = 0  # what the video would cost without compression (FLOPs estimate)
+    inner: tuple[int, float] | None = None  # EarlyTom Stage III (layer, drop ratio; 0 = defaults), or None
 
 
 @dataclass
@@ -130,6 +133,13 @@ class LLMEngine:
                 raise GenerateRequestError(
                     f"visual tokens must have shape [N, {self.lm.hidden_size}], got {list(request.visual.shape)}"
                 )
+        if request.inner is not None:
+            if request.visual is None:
+                raise GenerateRequestError("inner compression (Stage III) needs a video")
+            try:
+                InnerMergeSettings.resolve(self.lm.model.config.num_hidden_layers, *request.inner)
+            except ValueError as err:
+                raise GenerateRequestError(str(err)) from err
         visual = 0 if request.visual is None else request.visual.shape[0]
         context = len(ids) - placeholders + visual + request.sampling.max_tokens
         if context > self.settings.max_context_tokens:
@@ -161,8 +171,19 @@ class LLMEngine:
         finally:
             self._admission.release()
 
-    @torch.inference_mode()
     def _generate(self, request: GenerationRequest, ids: list[int], queue_ms: float) -> Iterator[Delta | Final]:
+        with contextlib.ExitStack() as stack:
+            if request.inner is not None:
+                # Stage III shortens this request's sequence inside the model; it depends on the
+                # question, so its KV cache is never shared with another request.
+                settings = InnerMergeSettings.resolve(self.lm.model.config.num_hidden_layers, *request.inner)
+                stack.enter_context(InnerMerge(
+                    self.lm.model.model.layers, settings, ids.index(self.lm.video_token_id), request.visual.shape[0]
+                ))
+            yield from self._decode(request, ids, queue_ms)
+
+    @torch.inference_mode()
+    def _decode(self, request: GenerationRequest, ids: list[int], queue_ms: float) -> Iterator[Delta | Final]:
         from transformers import DynamicCache
 
         lm, params = self.lm, request.sampling

@@ -91,6 +91,7 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
             arrived_at=arrived,
             receive_ms=(time.perf_counter() - arrived) * 1e3,
             uncompressed_visual_tokens=setup.uncompressed_visual_tokens,
+            inner=(setup.inner.layer, setup.inner.drop_ratio) if setup.inner.enabled else None,
         )
 
     def Generate(self, request_iterator, context: grpc.ServicerContext):
