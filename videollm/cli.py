@@ -35,6 +35,10 @@ def cmd_encoder(args: argparse.Namespace) -> None:
 
     settings = EncoderSettings(**_given(args, "model", "host", "port", "device", "dtype", "max_concurrent",
                                         "default_frames", "max_frames", "max_video_bytes"))
+    overrides = {name: value for name, value in (("method", args.compression), ("retain_ratio", args.retain_ratio),
+                                                 ("prune_layers", args.prune_layers)) if value is not None}
+    if overrides:
+        settings.compression = settings.compression.model_validate({**settings.compression.model_dump(), **overrides})
     serve(settings)
 
 
@@ -108,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     encoder.add_argument("--default-frames", dest="default_frames", type=int, help="frames sampled by default (32)")
     encoder.add_argument("--max-frames", dest="max_frames", type=int, help="largest num_frames accepted (64)")
     encoder.add_argument("--max-video-bytes", dest="max_video_bytes", type=int, help="largest video accepted")
+    encoder.add_argument("--compression", choices=["none", "earlytom"], help="default compression (earlytom)")
+    encoder.add_argument("--retain-ratio", dest="retain_ratio", type=float, help="default EarlyTom retain ratio (0.2)")
+    encoder.add_argument("--prune-layers", dest="prune_layers", type=lambda text: [int(x) for x in text.split(",")],
+                         help="default EarlyTom prune layers of the 26-layer encoder, e.g. 8,21,23")
     encoder.set_defaults(func=cmd_encoder)
 
     llm = sub.add_parser("llm", help="run the language model gRPC service (default port 50052)")
