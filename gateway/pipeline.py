@@ -23,7 +23,12 @@ from gateway.cache import EncodedVideo, SingleFlight, TokenCache, cache_key
 from gateway.errors import APIError, bad_request, from_grpc
 from gateway.videos import Video
 from protos.videollm.v1 import encoder_pb2, llm_pb2, tensor_pb2
-from videollm.proto_mapping import compression_from_proto, compression_to_proto, describe_validation_error
+from videollm.proto_mapping import (
+    compression_from_proto,
+    compression_to_proto,
+    describe_validation_error,
+    error_path,
+)
 from videollm.settings import CompressionSettings, GatewaySettings
 from videollm.wire import CHUNK_BYTES
 
@@ -165,7 +170,8 @@ class Pipeline:
         try:
             compression = CompressionSettings.model_validate({**defaults.model_dump(), **request.compression})
         except ValidationError as err:
-            raise bad_request(describe_validation_error(err, "videollm.compression"), "videollm.compression") from err
+            raise bad_request(describe_validation_error(err, "videollm.compression"),
+                              error_path(err, "videollm.compression")) from err
         return frames, compression
 
     async def _open_encode(self, request: VideoRequest, frames: int, compression: CompressionSettings):

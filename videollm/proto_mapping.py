@@ -36,10 +36,42 @@ def compression_from_proto(message: encoder_pb2.Compression, defaults: Compressi
         raise ValueError(describe_validation_error(err, "compression")) from err
 
 
-def describe_validation_error(err: ValidationError, prefix: str) -> str:
+def allowed_range(model: type, name: str) -> str | None:
+    """A field's bounds as an interval, read from its constraints: e.g. "(0, 1]"."""
+    import annotated_types
+
+    field = model.model_fields.get(name)
+    if field is None:
+        return None
+    low = high = None
+    low_bracket, high_bracket = "[", "]"
+    for constraint in field.metadata:
+        if isinstance(constraint, annotated_types.Gt):
+            low, low_bracket = constraint.gt, "("
+        elif isinstance(constraint, annotated_types.Ge):
+            low = constraint.ge
+        elif isinstance(constraint, annotated_types.Lt):
+            high, high_bracket = constraint.lt, ")"
+        elif isinstance(constraint, annotated_types.Le):
+            high = constraint.le
+    if low is None and high is None:
+        return None
+    return f"{low_bracket}{'-inf' if low is None else low}, {'inf' if high is None else high}{high_bracket}"
+
+
+def error_path(err: ValidationError, prefix: str) -> str:
+    first = err.errors()[0] if err.errors() else {"loc": ()}
+    return ".".join(str(p) for p in (prefix, *first["loc"]))
+
+
+def describe_validation_error(err: ValidationError, prefix: str, model: type = CompressionSettings) -> str:
     parts = []
     for error in err.errors():
         where = ".".join(str(p) for p in (prefix, *error["loc"]))
         got = error.get("input")
-        parts.append(f"{where}: {error['msg']}" + (f" (got {got!r})" if not isinstance(got, dict) else ""))
+        bounds = allowed_range(model, str(error["loc"][0])) if error["loc"] else None
+        message = f"{where} must be in {bounds}" if bounds and error["type"].endswith(("than", "equal")) else (
+            f"{where}: {error['msg']}")
+        echo = not isinstance(got, dict) and error["type"] != "value_error"  # value errors quote it already
+        parts.append(message + (f", got {got!r}" if echo else ""))
     return "; ".join(parts)
