@@ -10,6 +10,7 @@ from encoder_service.engine import EncodeRequestError, EncoderEngine, EncodeResu
 from encoder_service.video_decode import VideoError
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, tensor_pb2
 from videollm import wire
+from videollm.checkpoint import peak_memory_bytes
 from videollm.grpc_server import MiB, bind, make_server, run_until_signalled, set_serving
 from videollm.proto_mapping import compression_from_proto, compression_to_proto
 from videollm.settings import EncoderSettings
@@ -78,6 +79,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             dtype=settings.torch_dtype_name(),
             max_video_bytes=settings.max_video_bytes,
             encodes_completed=self.engine.encodes_completed,
+            peak_memory_bytes=peak_memory_bytes(self.engine.vision.device),
         )
 
 

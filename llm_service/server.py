@@ -13,6 +13,7 @@ from llm_service.prompt import VIDEO, Message
 from llm_service.sampling import SamplingParams
 from protos.videollm.v1 import llm_pb2, llm_pb2_grpc
 from videollm import wire
+from videollm.checkpoint import peak_memory_bytes
 from videollm.grpc_server import MiB, bind, make_server, run_until_signalled, set_serving
 from videollm.settings import LLMSettings
 
@@ -122,6 +123,7 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
             max_context_tokens=settings.max_context_tokens,
             dtype=settings.torch_dtype_name(),
             generations_completed=self.engine.generations_completed,
+            peak_memory_bytes=peak_memory_bytes(self.engine.lm.device),
         )
 
 

@@ -115,3 +115,8 @@ def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: s
     if missing:
         raise CheckpointError(f"the {what} weights lack {missing[:5]} ({len(missing)} in all)")
     module.load_state_dict({own[k]: tensors[k] for k in own}, strict=True)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory the caching allocator handed out on device (0 off CUDA)."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0

@@ -12,7 +12,7 @@ class LLMInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LLMInfo(_message.Message):
-    __slots__ = ("model_id", "hidden_size", "default_max_tokens", "max_tokens_limit", "max_context_tokens", "dtype", "generations_completed")
+    __slots__ = ("model_id", "hidden_size", "default_max_tokens", "max_tokens_limit", "max_context_tokens", "dtype", "generations_completed", "peak_memory_bytes")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class LLMInfo(_message.Message):
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     GENERATIONS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     hidden_size: int
     default_max_tokens: int
@@ -27,7 +28,8 @@ class LLMInfo(_message.Message):
     max_context_tokens: int
     dtype: str
     generations_completed: int
-    def __init__(self, model_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., generations_completed: _Optional[int] = ...) -> None: ...
+    peak_memory_bytes: int
+    def __init__(self, model_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., generations_completed: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class ContentPart(_message.Message):
     __slots__ = ("text", "video")
