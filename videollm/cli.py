@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     _gateway_flags(gateway, with_addresses=True)
     gateway.set_defaults(func=cmd_gateway)
 
+    bench = sub.add_parser("bench", help="benchmark the stack against transformers (see videollm bench --help)",
+                           add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+
     tiny = sub.add_parser("build-tiny-model", help="write the embedded default model to DIR")
     tiny.add_argument("dir", type=Path)
     tiny.set_defaults(func=cmd_build_tiny_model)
@@ -137,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its flags are bench.run's own
+        from bench.run import main as bench_main
+
+        logging.basicConfig(level="WARNING")
+        sys.exit(bench_main(argv[1:]))
     args = build_parser().parse_args(argv)
     _log_setup(args.log_level)
     args.func(args)

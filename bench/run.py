@@ -1,0 +1,319 @@
+"""videollm bench: the real stack against transformers' monolithic model, in one run, on one machine.
+
+    python -m bench.run --shape 7b --device cuda --out docs/bench-7b      (or: videollm bench ...)
+
+Builds a random-weight checkpoint at the chosen shape, generates the benchmark clip, starts Redis,
+the encoder and LLM replicas (placed on GPUs by --placement) and the gateway as separate processes,
+and measures through REST: TTFT on cache miss and hit, encoder, prefill and decode figures for each
+frame count and retain ratio, and throughput with concurrent clients. Then it stops the stack and
+measures the monolithic model on the same GPU. It prints a markdown table, writes results.json,
+results.md and (when matplotlib is importable) ttft_vs_tokens.png into --out.
+
+On a GPU machine without a package registry, bring the wheels of the web server, Redis client and
+video decoder (fastapi, starlette, uvicorn, pydantic, pydantic-core, pydantic-settings,
+python-dotenv, typing-inspection, annotated-types, annotated-doc, python-multipart, redis, av,
+grpcio, grpcio-health-checking, protobuf) and a redis-server binary (Debian's redis-server,
+redis-tools, liblzf1 and libjemalloc2 packages unpacked with dpkg -x), install the wheels with
+`pip install --no-index --target DIR` and put DIR on PYTHONPATH, and pass --redis-server PATH (with
+LD_LIBRARY_PATH pointing at the unpacked libraries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+from bench.baseline import Monolithic, queueing
+from bench.checkpoint import SHAPES, build_checkpoint
+from bench.client import chat_body, closed_loop, stream_once
+from bench.stack import Placement, start_stack
+from bench.video import benchmark_clip, variant
+from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, llm_pb2, llm_pb2_grpc
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="videollm bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="7b", help="checkpoint shape (random weights)")
+    parser.add_argument("--device", default="cuda", help="cuda or cpu")
+    parser.add_argument("--checkpoint-dir", type=Path, help="where the checkpoint is built (default: OUT/../ckpt-SHAPE)")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for results.json/.md/.png")
+    parser.add_argument("--frames", default="32,64", help="frame counts of the latency matrix")
+    parser.add_argument("--retain", default="1.0,0.25,0.1", help="retain ratios (1.0 = no compression)")
+    parser.add_argument("--clients", default="1,4,16", help="concurrent clients of the throughput runs")
+    parser.add_argument("--throughput-retain", default="0.1", help="retain ratios of the throughput runs")
+    parser.add_argument("--throughput-frames", type=int, default=32)
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per latency cell (median)")
+    parser.add_argument("--placement", action="append", default=None,
+                        help="ENCODER_GPUS/LLM_GPUS, one GPU per replica, e.g. 0/0, 0/1, 0,1/1 (repeatable; "
+                             "the latency matrix runs on the first)")
+    parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
+    parser.add_argument("--skip-baseline", action="store_true")
+    return parser.parse_args(argv)
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def compression_for(retain: float) -> dict:
+    return {"method": "none"} if retain >= 1.0 else {"method": "earlytom", "retain_ratio": retain}
+
+
+def service_memory(running) -> dict:
+    import grpc
+
+    memory = {}
+    for address in running.encoder_addresses:
+        with grpc.insecure_channel(address) as channel:
+            memory[f"encoder {address}"] = encoder_pb2_grpc.EncoderStub(channel).Info(encoder_pb2.InfoRequest()).peak_memory_bytes
+    for address in running.llm_addresses:
+        with grpc.insecure_channel(address) as channel:
+            memory[f"llm {address}"] = llm_pb2_grpc.LLMStub(channel).Info(llm_pb2.LLMInfoRequest()).peak_memory_bytes
+    return memory
+
+
+async def latency_matrix(url: str, redis_url: str, clip: bytes, args) -> list[dict]:
+    store = redis.Redis.from_url(redis_url)
+    rows = []
+    async with httpx.AsyncClient(timeout=900) as client:
+        await stream_once(client, url, chat_body(variant(clip, 10_000), 8, {"method": "none"}, 4))  # warm-up
+        for frames in ints(args.frames):
+            for retain in floats(args.retain):
+                body = chat_body(clip, frames, compression_for(retain), args.max_tokens)
+                await stream_once(client, url, body)  # warm-up of this shape
+                misses, hits = [], []
+                for _ in range(args.repeats):
+                    store.flushall()
+                    misses.append(await stream_once(client, url, body))
+                    hits.append(await stream_once(client, url, body))
+                assert all(s.cache == "miss" for s in misses) and all(s.cache == "hit" for s in hits)
+                meta = misses[-1].videollm
+                median = statistics.median
+                rows.append({
+                    "frames": frames,
+                    "retain": retain,
+                    "frames_after_merge": meta.get("frames_after_merge", frames),
+                    "visual_tokens": meta.get("visual_tokens"),
+                    "ttft_miss_ms": median(s.ttft_ms for s in misses),
+                    "ttft_hit_ms": median(s.ttft_ms for s in hits),
+                    "encode_ms": median(s.videollm["timings_ms"]["encode"] for s in misses),
+                    "encoder_vision_ms": median(s.videollm["encoder_timings_ms"]["vision"] for s in misses),
+                    "encoder_decode_ms": median(s.videollm["encoder_timings_ms"]["decode"] for s in misses),
+                    "prefill_ms": median(s.videollm["timings_ms"]["prefill"] for s in misses),
+                    "prefill_hit_ms": median(s.videollm["timings_ms"]["prefill"] for s in hits),
+                    "decode_tokens_per_s": median(s.videollm["decode_tokens_per_s"] for s in misses + hits),
+                    "completion_tokens": misses[-1].completion_tokens,
+                    "flops": meta.get("flops"),
+                })
+                print(f"  {frames} frames, retain {retain}: {json.dumps(rows[-1], default=str)[:300]}", flush=True)
+    store.close()
+    return rows
+
+
+async def throughput(url: str, redis_url: str, clip: bytes, args, counter: list[int]) -> list[dict]:
+    store = redis.Redis.from_url(redis_url)
+    rows = []
+    for retain in floats(args.throughput_retain):
+        for clients in ints(args.clients):
+            store.flushall()
+            bodies = []
+            for _ in range(clients * args.requests_per_client):
+                counter[0] += 1
+                bodies.append(chat_body(variant(clip, counter[0]), args.throughput_frames, compression_for(retain),
+                                        args.max_tokens))
+            result = await closed_loop(url, bodies, clients)
+            result["retain"] = retain
+            rows.append(result)
+            print(f"  retain {retain}, {clients} clients: {json.dumps(result)[:300]}", flush=True)
+    store.close()
+    return rows
+
+
+def environment(args) -> dict:
+    import torch
+    import transformers
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device.startswith("cuda") else "none"
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "gpu": gpu,
+        "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "command": "videollm bench " + " ".join(args.argv),
+    }
+
+
+def decode_floor_ms(model_dir: Path, bandwidth_tb_s: float) -> float:
+    """The LLM's weight bytes, read once per decoded token, over the GPU's memory bandwidth."""
+    from safetensors import safe_open
+
+    llm_bytes = 0
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as handle:
+            for key in handle.keys():
+                if "language_model" in key or key.startswith("lm_head"):
+                    tensor = handle.get_slice(key)
+                    llm_bytes += math.prod(tensor.get_shape()) * 2  # bf16 when served
+    return llm_bytes / (bandwidth_tb_s * 1e12) * 1e3
+
+
+def report(results: dict) -> str:
+    env = results["environment"]
+    lines = [f"# videollm benchmark: {results['shape']} shape, random weights",
+             "",
+             f"{env['date']} · GPU: {env['gpu']} · torch {env['torch']} · transformers {env['transformers']} · "
+             f"Python {env['python']}",
+             f"Command: `{env['command']}`",
+             f"Placement of the latency matrix: {results['placements'][0]['placement']}",
+             ""]
+    baseline = {b["frames"]: b for b in results.get("baseline", [])}
+    lines += ["## Latency (one request at a time, through REST, streamed)", "",
+              "| frames | retain | frames after merge | visual tokens | TTFT miss ms | TTFT hit ms | encode ms | "
+              "prefill ms | decode tok/s | baseline TTFT ms | miss speed-up | hit speed-up |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in results["placements"][0]["latency"]:
+        base = baseline.get(row["frames"])
+        compared = (f"{base['ttft_ms']:.1f} | {base['ttft_ms'] / row['ttft_miss_ms']:.2f}x | "
+                    f"{base['ttft_ms'] / row['ttft_hit_ms']:.2f}x" if base else "- | - | -")
+        lines.append(
+            f"| {row['frames']} | {row['retain']} | {row['frames_after_merge']} | {row['visual_tokens']} | "
+            f"{row['ttft_miss_ms']:.1f} | {row['ttft_hit_ms']:.1f} | {row['encode_ms']:.1f} | {row['prefill_ms']:.1f} | "
+            f"{row['decode_tokens_per_s']:.1f} | {compared} |")
+    if baseline:
+        lines += ["", "## Baseline: transformers' monolithic `generate`, full tokens", "",
+                  "| frames | visual tokens | TTFT ms | decode+preprocess ms | vision ms | prefill ms | decode ms/token | "
+                  "peak GPU GiB |", "|---|---|---|---|---|---|---|---|"]
+        for b in results["baseline"]:
+            lines.append(f"| {b['frames']} | {b['visual_tokens']} | {b['ttft_ms']:.1f} | "
+                         f"{b['decode_ms'] + b['preprocess_ms']:.1f} | {b['vision_ms']:.1f} | {b['prefill_ms']:.1f} | "
+                         f"{b['decode_ms_per_token']:.2f} | {b['peak_memory_bytes'] / 2**30:.1f} |")
+    lines += ["", "## Throughput (closed-loop clients, each request a different video: all cache misses)", "",
+              "| placement | retain | clients | requests | errors | req/s | TTFT p50 ms | TTFT p99 ms | "
+              "baseline req/s | baseline TTFT p50/p99 ms | req/s ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base_tp = {b["clients"]: b for b in results.get("baseline_throughput", [])}
+    for placement in results["placements"]:
+        for row in placement["throughput"]:
+            b = base_tp.get(row["clients"])
+            lines.append(
+                f"| {placement['placement']} | {row['retain']} | {row['clients']} | {row['requests']} | {row['errors']} | "
+                f"{row['rps']:.2f} | {row['ttft_p50_ms']:.0f} | {row['ttft_p99_ms']:.0f} | "
+                + (f"{b['rps']:.2f} | {b['ttft_p50_ms']:.0f}/{b['ttft_p99_ms']:.0f} | {row['rps'] / b['rps']:.2f}x |"
+                   if b else "- | - | - |"))
+    lines += ["", "## Peak GPU memory per service", ""]
+    for placement in results["placements"]:
+        for name, value in placement["memory"].items():
+            lines.append(f"- {placement['placement']}: {name}: {value / 2**30:.2f} GiB")
+    if "decode_floor_ms" in results:
+        lines += ["", f"Decode floor from memory bandwidth (weights read once per token): "
+                      f"{results['decode_floor_ms']:.2f} ms/token."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for frames in sorted({r["frames"] for r in results["placements"][0]["latency"]}):
+        rows = [r for r in results["placements"][0]["latency"] if r["frames"] == frames]
+        ax.plot([r["visual_tokens"] for r in rows], [r["ttft_miss_ms"] for r in rows], "o-",
+                label=f"videollm, {frames} frames, miss")
+        ax.plot([r["visual_tokens"] for r in rows], [r["ttft_hit_ms"] for r in rows], "s--",
+                label=f"videollm, {frames} frames, hit")
+    for b in results.get("baseline", []):
+        ax.plot([b["visual_tokens"]], [b["ttft_ms"]], "k*", markersize=12)
+        ax.annotate(f"transformers, {b['frames']} frames", (b["visual_tokens"], b["ttft_ms"]),
+                    textcoords="offset points", xytext=(-60, 8))
+    ax.set_xlabel("visual tokens sent to the LLM")
+    ax.set_ylabel("time to first token, ms")
+    ax.set_title(f"TTFT vs retained tokens ({results['shape']}, {results['environment']['gpu']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv=None) -> int:
+    import torch
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    args.argv = argv
+    args.out.mkdir(parents=True, exist_ok=True)
+    checkpoint = args.checkpoint_dir or args.out.parent / f"ckpt-{args.shape}"
+    print(f"building the {args.shape} checkpoint in {checkpoint}", flush=True)
+    model_dir = build_checkpoint(args.shape, checkpoint, args.device)
+    clip = benchmark_clip()
+    results = {"shape": args.shape, "environment": environment(args), "placements": [], "args": vars(args)}
+    counter = [0]
+    placements = args.placement or ["0/0"]
+    for index, text in enumerate(placements):
+        encoders, llms = text.split("/")
+        placement = Placement(Placement.parse(encoders), Placement.parse(llms))
+        if not args.device.startswith("cuda"):
+            placement = Placement([""] * len(placement.encoders), [""] * len(placement.llms))
+        print(f"starting the stack: {placement.describe()}", flush=True)
+        running = start_stack(model_dir, placement, args.device, args.redis_server, args.out)
+        try:
+            entry = {"placement": text, "latency": [], "throughput": []}
+            if index == 0:
+                entry["latency"] = asyncio.run(latency_matrix(running.url, running.redis_url, clip, args))
+            entry["throughput"] = asyncio.run(throughput(running.url, running.redis_url, clip, args, counter))
+            entry["memory"] = service_memory(running)
+            results["placements"].append(entry)
+        finally:
+            running.stop()
+    if not args.skip_baseline:
+        print("measuring transformers' monolithic model", flush=True)
+        dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+        monolithic = Monolithic(model_dir, "cuda:0" if args.device.startswith("cuda") else "cpu", dtype)
+        results["baseline"] = []
+        for frames in ints(args.frames):
+            measured = monolithic.measure(clip, frames, args.max_tokens, args.repeats)
+            measured["frames"] = frames
+            results["baseline"].append(measured)
+            print(f"  baseline {frames} frames: {json.dumps(measured)[:300]}", flush=True)
+        base = next(b for b in results["baseline"] if b["frames"] == args.throughput_frames) \
+            if any(b["frames"] == args.throughput_frames for b in results["baseline"]) else results["baseline"][0]
+        results["baseline_throughput"] = [queueing(base["service_ms"], base["ttft_ms"], c) for c in ints(args.clients)]
+        monolithic.close()
+    if args.device.startswith("cuda"):
+        bandwidth = 4.8 if "H200" in results["environment"]["gpu"] else 3.35
+        results["decode_floor_ms"] = decode_floor_ms(model_dir, bandwidth)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    table = report(results)
+    (args.out / "results.md").write_text(table)
+    drawn = plot(results, args.out / "ttft_vs_tokens.png")
+    print(table)
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}"
+          + (f", {args.out / 'ttft_vs_tokens.png'}" if drawn else " (no plot: matplotlib is not installed)"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
