@@ -62,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "the latency matrix runs on the first)")
     parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true", help="throughput runs only")
     return parser.parse_args(argv)
 
 
@@ -119,6 +120,8 @@ async def latency_matrix(url: str, redis_url: str, clip: bytes, args) -> list[di
                     "encoder_decode_ms": median(s.videollm["encoder_timings_ms"]["decode"] for s in misses),
                     "prefill_ms": median(s.videollm["timings_ms"]["prefill"] for s in misses),
                     "prefill_hit_ms": median(s.videollm["timings_ms"]["prefill"] for s in hits),
+                    "handoff_miss_ms": median(s.videollm["timings_ms"]["handoff"] for s in misses),
+                    "handoff_hit_ms": median(s.videollm["timings_ms"]["handoff"] for s in hits),
                     "decode_tokens_per_s": median(s.videollm["decode_tokens_per_s"] for s in misses + hits),
                     "completion_tokens": misses[-1].completion_tokens,
                     "flops": meta.get("flops"),
@@ -189,16 +192,16 @@ def report(results: dict) -> str:
     baseline = {b["frames"]: b for b in results.get("baseline", [])}
     lines += ["## Latency (one request at a time, through REST, streamed)", "",
               "| frames | retain | frames after merge | visual tokens | TTFT miss ms | TTFT hit ms | encode ms | "
-              "prefill ms | decode tok/s | baseline TTFT ms | miss speed-up | hit speed-up |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in results["placements"][0]["latency"]:
+              "prefill ms | hand-off ms miss/hit | decode tok/s | baseline TTFT ms | miss speed-up | hit speed-up |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in results["placements"][0].get("latency", []):
         base = baseline.get(row["frames"])
         compared = (f"{base['ttft_ms']:.1f} | {base['ttft_ms'] / row['ttft_miss_ms']:.2f}x | "
                     f"{base['ttft_ms'] / row['ttft_hit_ms']:.2f}x" if base else "- | - | -")
         lines.append(
             f"| {row['frames']} | {row['retain']} | {row['frames_after_merge']} | {row['visual_tokens']} | "
             f"{row['ttft_miss_ms']:.1f} | {row['ttft_hit_ms']:.1f} | {row['encode_ms']:.1f} | {row['prefill_ms']:.1f} | "
-            f"{row['decode_tokens_per_s']:.1f} | {compared} |")
+            f"{row['handoff_miss_ms']:.1f}/{row['handoff_hit_ms']:.1f} | {row['decode_tokens_per_s']:.1f} | {compared} |")
     if baseline:
         lines += ["", "## Baseline: transformers' monolithic `generate`, full tokens", "",
                   "| frames | visual tokens | TTFT ms | decode+preprocess ms | vision ms | prefill ms | decode ms/token | "
@@ -258,6 +261,34 @@ def plot(results: dict, path: Path) -> bool:
     return True
 
 
+def plot_throughput(results: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for placement in results["placements"]:
+        for retain in sorted({r["retain"] for r in placement["throughput"]}):
+            rows = [r for r in placement["throughput"] if r["retain"] == retain]
+            ax.plot([r["clients"] for r in rows], [r["rps"] for r in rows], "o-",
+                    label=f"encoders/LLMs on GPUs {placement['placement']}, retain {retain}")
+    base = results.get("baseline_throughput", [])
+    if base:
+        ax.plot([b["clients"] for b in base], [b["rps"] for b in base], "k*--", label="transformers, one GPU")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("requests per second")
+    ax.set_title(f"Throughput ({results['shape']}, {results['environment']['gpu']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -281,7 +312,7 @@ def main(argv=None) -> int:
         running = start_stack(model_dir, placement, args.device, args.redis_server, args.out)
         try:
             entry = {"placement": text, "latency": [], "throughput": []}
-            if index == 0:
+            if index == 0 and not args.skip_latency:
                 entry["latency"] = asyncio.run(latency_matrix(running.url, running.redis_url, clip, args))
             entry["throughput"] = asyncio.run(throughput(running.url, running.redis_url, clip, args, counter))
             entry["memory"] = service_memory(running)
@@ -308,7 +339,9 @@ def main(argv=None) -> int:
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     table = report(results)
     (args.out / "results.md").write_text(table)
-    drawn = plot(results, args.out / "ttft_vs_tokens.png")
+    drawn = plot(results, args.out / "ttft_vs_tokens.png") if results["placements"][0]["latency"] else False
+    if len(results["placements"]) > 1:
+        plot_throughput(results, args.out / "throughput_vs_clients.png")
     print(table)
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}"
           + (f", {args.out / 'ttft_vs_tokens.png'}" if drawn else " (no plot: matplotlib is not installed)"))

@@ -95,7 +95,10 @@ class EncoderEngine:
         timings.decode_ms = (time.perf_counter() - start) * 1e3
 
         mark = time.perf_counter()
-        pixels = self.processor(videos=[decoded.frames], return_tensors="pt")["pixel_values_videos"][0]  # [T, 3, H, W]
+        # on a GPU, resize and normalise there too (the processor moves the uint8 frames first)
+        device = self.vision.device if self.vision.device.type == "cuda" else None
+        pixels = self.processor(videos=[decoded.frames], return_tensors="pt", device=device)["pixel_values_videos"][0]
+        # pixels: [T, 3, H, W]
         timings.preprocess_ms = (time.perf_counter() - mark) * 1e3
 
         mark = time.perf_counter()

@@ -171,6 +171,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             "ttft": round(ttft * 1e3, 3),
             "total": round((now - received_at) * 1e3, 3),
             "llm_queue": round(final.timings.queue_ms, 3) if final else None,
+            # from the LLM call's start until the whole visual tensor arrived there and was checked
+            "handoff": round(final.timings.receive_ms, 3) if final else None,
         }
         body = {
             "cache": outcome.cache,

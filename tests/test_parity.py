@@ -68,6 +68,8 @@ def test_encoder_tokens_equal_get_video_features(encoder_service, full_model, fm
             vision_feature_layer=full_model.config.vision_feature_layer,
             vision_feature_select_strategy=full_model.config.vision_feature_select_strategy,
         ).pooler_output[0]  # [T*196 + 1, D]
+    if reference.shape[0] == FRAMES * 196:  # transformers < 5.2x appends the newline later, in forward
+        reference = torch.cat([reference, full_model.model.image_newline[None]])
     assert list(header.tensor.shape) == [FRAMES * 196 + 1, full_model.config.text_config.hidden_size]
     assert header.frames_sampled == FRAMES
     assert torch.equal(tokens, reference)

@@ -48,7 +48,8 @@ def run_until_signalled(server: grpc.Server, health_servicer: health.HealthServi
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    while not stop.wait(0.5):  # a timed wait, so the signal handler always gets to run
+        pass
     log.info("shutting down: draining in-flight calls for up to %.0f s", grace_s)
     set_serving(health_servicer, names, False)
-    server.stop(grace_s).wait()
+    server.stop(grace_s).wait(grace_s + 1)
