@@ -57,12 +57,16 @@ class ReplicaPool:
             replicas.append(Replica(address, channel, stub_cls(channel)))
         return cls(kind, replicas)
 
-    def pick(self, exclude: set[str] = frozenset()) -> Replica | None:
+    def pick(self, exclude: set[str] = frozenset(), prefer: str | None = None) -> Replica | None:
+        """The least loaded replica; `prefer` (e.g. the holder of a cached prefix) wins when it is up."""
         now = time.monotonic()
         candidates = [r for r in self.replicas if r.address not in exclude]
         if not candidates:
             return None
         up = [r for r in candidates if r.down_until <= now] or candidates
+        for replica in up:
+            if replica.address == prefer:
+                return replica
         turn = next(self._turn)
         return min(up, key=lambda r: (r.in_flight, (r.order - turn) % len(self.replicas)))
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -33,6 +34,8 @@ from videollm.settings import CompressionSettings, GatewaySettings
 from videollm.wire import CHUNK_BYTES
 
 log = logging.getLogger(__name__)
+
+PREFIX_HOLDERS_KEPT = 100_000  # video -> LLM replica entries for prefix-aware routing
 
 
 @dataclass
@@ -124,9 +127,10 @@ class VisualSource:
             yield data
 
 
-async def _generate_requests(setup: llm_pb2.GenerateSetup, chunks: AsyncIterator[bytes] | None):
+async def _generate_requests(setup: llm_pb2.GenerateSetup, chunks: AsyncIterator[bytes] | None,
+                             need_visual: asyncio.Future):
     yield llm_pb2.GenerateRequest(setup=setup)
-    if chunks is not None:
+    if chunks is not None and await need_visual:  # the LLM may still hold this video's prefix
         async for data in chunks:
             yield llm_pb2.GenerateRequest(visual_chunk=tensor_pb2.TensorChunk(data=data))
 
@@ -140,6 +144,14 @@ class Pipeline:
         self.single_flight = SingleFlight()
         self._encoder_info: encoder_pb2.EncoderInfo | None = None
         self._background: set[asyncio.Task] = set()
+        # which LLM replica last answered about a video: it holds that video's prefix KV cache
+        self.prefix_holders: OrderedDict[str, str] = OrderedDict()
+
+    def _remember_holder(self, key: str, address: str) -> None:
+        self.prefix_holders[key] = address
+        self.prefix_holders.move_to_end(key)
+        while len(self.prefix_holders) > PREFIX_HOLDERS_KEPT:
+            self.prefix_holders.popitem(last=False)
 
     # -- encoder side -------------------------------------------------------------------------
 
@@ -253,14 +265,22 @@ class Pipeline:
             outcome.header = source.header
             setup.visual.CopyFrom(source.header.tensor)
             setup.uncompressed_visual_tokens = source.header.uncompressed_tokens
+            if request.inner is None or not request.inner.enabled:  # Stage III never shares a prefix
+                setup.video_key = source.key
         chunks = source.chunks if source is not None else None
+        holder = self.prefix_holders.get(source.key) if setup.video_key else None
         tried: set[str] = set()
-        while (replica := self.llms.pick(exclude=tried)) is not None:
+        while (replica := self.llms.pick(exclude=tried, prefer=holder)) is not None:
             tried.add(replica.address)
             self.llms.acquire(replica)
-            call = replica.stub.Generate(_generate_requests(setup, chunks), timeout=self.settings.request_timeout_s)
+            need_visual = asyncio.get_running_loop().create_future()
+            call = replica.stub.Generate(_generate_requests(setup, chunks, need_visual),
+                                         timeout=self.settings.request_timeout_s)
             try:
                 first = await call.read()
+                if first is not grpc.aio.EOF and first.WhichOneof("item") == "accepted":
+                    need_visual.set_result(first.accepted.need_visual)
+                    first = await call.read()
                 if first is grpc.aio.EOF:
                     raise APIError(502, "the LLM closed the stream without an answer", "api_error",
                                    code="backend_error")
@@ -279,6 +299,8 @@ class Pipeline:
                 raise
             if source is not None and source.relay is not None:
                 self._cache_when_verified(source.key, source.relay)
+            if setup.video_key:
+                self._remember_holder(source.key, replica.address)
             return self._responses(call, first, replica, outcome)
         raise APIError(503, "no LLM replica is available", "service_unavailable", code="backend_unavailable",
                        headers={"Retry-After": "1"})

@@ -17,6 +17,7 @@ import torch
 
 from llm_service.detokenizer import IncrementalDetokenizer
 from llm_service.inner_merge import InnerMerge, InnerMergeSettings
+from llm_service.prefix_cache import PrefixCache, PrefixKV
 from llm_service.model import LanguageModel
 from llm_service.prompt import VIDEO, Message, PromptError, render
 from llm_service.sampling import Sampler, SamplingParams
@@ -43,6 +44,8 @@ class GenerationRequest:
     receive_ms: float = 0.0
     uncompressed_visual_tokens: int = 0  # what the video would cost without compression (FLOPs estimate)
     inner: tuple[int, float] | None = None  # EarlyTom Stage III (layer, drop ratio; 0 = defaults), or None
+    video_key: str = ""  # identity of the visual tokens; enables reuse of this prefix's KV cache
+    visual_count: int = 0  # rows of the visual tensor when it was not sent (the prefix is cached here)
 
 
 @dataclass
@@ -109,6 +112,22 @@ class LLMEngine:
         self._admission = threading.BoundedSemaphore(settings.max_concurrent)
         self._count_lock = threading.Lock()
         self.generations_completed = 0
+        self.prefixes = PrefixCache(settings.prefix_cache_entries)
+
+    def prefix_key(self, request: GenerationRequest, ids: list[int]) -> str | None:
+        """The key of this request's reusable prefix, or None when it has none (or uses Stage III)."""
+        if not request.video_key or request.inner is not None or self.lm.video_token_id not in ids:
+            return None
+        return PrefixCache.key(request.video_key, ids[: ids.index(self.lm.video_token_id)])
+
+    def needs_visual(self, request: GenerationRequest) -> bool:
+        """False when this replica holds the request's prefix, so the visual tokens need not travel."""
+        try:
+            ids = render(self.lm, request.messages)
+        except (ValueError, PromptError):
+            return True  # let prepare() report it
+        key = self.prefix_key(request, ids)
+        return key is None or key not in self.prefixes
 
     def prepare(self, request: GenerationRequest) -> list[int]:
         """Validate the request and return the prompt ids (raises GenerateRequestError)."""
@@ -126,7 +145,9 @@ class LLMEngine:
                 f"the text must not contain the video placeholder {self.lm.video_token!r}; "
                 "pass the video as a video part instead"
             )
-        if (request.visual is None) != (video_parts == 0):
+        prefix = self.prefix_key(request, ids)
+        cached = prefix is not None and request.visual is None and prefix in self.prefixes
+        if (request.visual is None and not cached) != (video_parts == 0):
             raise GenerateRequestError("visual tokens are needed exactly when a message has a video part")
         if request.visual is not None:
             if request.visual.ndim != 2 or request.visual.shape[1] != self.lm.hidden_size:
@@ -140,7 +161,7 @@ class LLMEngine:
                 InnerMergeSettings.resolve(self.lm.model.config.num_hidden_layers, *request.inner)
             except ValueError as err:
                 raise GenerateRequestError(str(err)) from err
-        visual = 0 if request.visual is None else request.visual.shape[0]
+        visual = request.visual.shape[0] if request.visual is not None else request.visual_count
         context = len(ids) - placeholders + visual + request.sampling.max_tokens
         if context > self.settings.max_context_tokens:
             raise GenerateRequestError(
@@ -193,9 +214,25 @@ class LLMEngine:
 
         start = time.perf_counter()
         cache = DynamicCache(config=lm.model.config)
-        out = lm.model(
-            inputs_embeds=self._embed(ids, request.visual), **{lm.cache_arg: cache}, use_cache=True, logits_to_keep=1
-        )
+        prefix = self.prefix_key(request, ids)
+        if prefix is None:
+            out = lm.model(
+                inputs_embeds=self._embed(ids, request.visual), **{lm.cache_arg: cache}, use_cache=True,
+                logits_to_keep=1,
+            )
+        else:  # prefill the prefix (chat up to the video) once per replica; then only the rest
+            at = ids.index(lm.video_token_id)
+            entry = self.prefixes.get(prefix)
+            if entry is None:
+                if request.visual is None:
+                    raise GenerateRequestError("the video's prefix was evicted; send the visual tokens again")
+                lm.model(inputs_embeds=self._embed(ids[: at + 1], request.visual), **{lm.cache_arg: cache},
+                         use_cache=True, logits_to_keep=1)
+                self.prefixes.put(prefix, PrefixKV.from_cache(cache))
+            else:
+                entry.seed(cache)
+            out = lm.model(input_ids=torch.tensor([ids[at + 1 :]], device=lm.device), **{lm.cache_arg: cache},
+                           use_cache=True, logits_to_keep=1)
         token = sampler(out.logits[0, -1])
         prefill_ms = _ms_since(start)
         ttft_ms = _ms_since(request.arrived_at)
@@ -230,8 +267,9 @@ class LLMEngine:
         decode_ms = _ms_since(decode_start)
         with self._count_lock:
             self.generations_completed += 1
-        visual_tokens = 0 if request.visual is None else request.visual.shape[0]
-        text_tokens = len(ids) - (request.visual is not None)
+        has_video = lm.video_token_id in ids
+        visual_tokens = request.visual.shape[0] if request.visual is not None else request.visual_count
+        text_tokens = len(ids) - has_video
         uncompressed = request.uncompressed_visual_tokens or visual_tokens
         yield Final(
             finish_reason=finish,

@@ -68,44 +68,51 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
     def __init__(self, engine: LLMEngine):
         self.engine = engine
 
-    def _read_request(self, request_iterator, context) -> GenerationRequest:
-        arrived = time.perf_counter()
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("item") != "setup":
-            raise GenerateRequestError("the first message of Generate must be a GenerateSetup")
-        setup = first.setup
-        visual = None
-        if setup.HasField("visual"):
-            assembler = wire.TensorAssembler(setup.visual, self.engine.settings.max_visual_bytes)
-            for message in request_iterator:
-                if message.WhichOneof("item") != "visual_chunk":
-                    raise GenerateRequestError("only visual_chunk messages may follow the GenerateSetup")
-                assembler.add(message.visual_chunk.data)
-            visual = assembler.tensor()  # [N, D]
+    def _request_from_setup(self, setup: llm_pb2.GenerateSetup, context, arrived: float) -> GenerationRequest:
         cancelled = threading.Event()
         context.add_callback(cancelled.set)
         return GenerationRequest(
             messages=messages_from_proto(setup.messages),
             sampling=sampling_from_proto(setup.sampling, self.engine.settings.default_max_tokens),
-            visual=visual,
             is_cancelled=cancelled.is_set,
             arrived_at=arrived,
-            receive_ms=(time.perf_counter() - arrived) * 1e3,
             uncompressed_visual_tokens=setup.uncompressed_visual_tokens,
             inner=(setup.inner.layer, setup.inner.drop_ratio) if setup.inner.enabled else None,
+            video_key=setup.video_key,
         )
 
+    def _read_visual(self, header, request_iterator):
+        assembler = wire.TensorAssembler(header, self.engine.settings.max_visual_bytes)
+        for message in request_iterator:
+            if message.WhichOneof("item") != "visual_chunk":
+                raise GenerateRequestError("only visual_chunk messages may follow the GenerateSetup")
+            assembler.add(message.visual_chunk.data)
+        return assembler.tensor()  # [N, D]
+
     def Generate(self, request_iterator, context: grpc.ServicerContext):
+        arrived = time.perf_counter()
         try:
-            request = self._read_request(request_iterator, context)
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("item") != "setup":
+                raise GenerateRequestError("the first message of Generate must be a GenerateSetup")
+            setup = first.setup
+            request = self._request_from_setup(setup, context, arrived)
+            if setup.HasField("visual"):
+                need_visual = self.engine.needs_visual(request)
+                yield llm_pb2.GenerateResponse(accepted=llm_pb2.Accepted(need_visual=need_visual))
+                if need_visual:
+                    request.visual = self._read_visual(setup.visual, request_iterator)
+                else:
+                    request.visual_count = setup.visual.shape[0] if setup.visual.shape else 0
+            request.receive_ms = (time.perf_counter() - arrived) * 1e3
             events = self.engine.generate(request)
-            first = next(events)  # validation errors surface here, before anything is sent
+            first_event = next(events)  # validation errors surface here, before any text is sent
         except (GenerateRequestError, wire.WireError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except Overloaded as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         try:
-            for event in _chain(first, events):
+            for event in _chain(first_event, events):
                 if isinstance(event, Delta):
                     yield llm_pb2.GenerateResponse(delta=llm_pb2.TextDelta(text=event.text))
                 else:

@@ -58,10 +58,12 @@ def generate_requests(messages, visual: torch.Tensor | None = None, **sampling):
 
 def collect(responses) -> tuple[list[str], llm_pb2.GenerateFinal]:
     deltas, final = [], None
-    for response in responses:
+    for index, response in enumerate(responses):
         kind = response.WhichOneof("item")
         assert final is None, "nothing may follow the GenerateFinal"
-        if kind == "delta":
+        if kind == "accepted":
+            assert index == 0, "Accepted comes first or not at all"
+        elif kind == "delta":
             deltas.append(response.delta.text)
         else:
             assert kind == "final"

@@ -101,6 +101,7 @@ class LLMSettings(_ServiceSettings):
     max_tokens_limit: int = Field(4096, ge=1)
     max_context_tokens: int = Field(32768, ge=1, description="prompt + visual + completion tokens")
     max_visual_bytes: int = Field(1024 * MiB, ge=1)
+    prefix_cache_entries: int = Field(8, ge=0, description="KV caches of video prefixes kept for repeat questions")
 
 
 def _split_list(value):

@@ -74,20 +74,22 @@ class InnerCompression(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., layer: _Optional[int] = ..., drop_ratio: _Optional[float] = ...) -> None: ...
 
 class GenerateSetup(_message.Message):
-    __slots__ = ("messages", "sampling", "visual", "request_id", "uncompressed_visual_tokens", "inner")
+    __slots__ = ("messages", "sampling", "visual", "request_id", "uncompressed_visual_tokens", "inner", "video_key")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     VISUAL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     UNCOMPRESSED_VISUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     INNER_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_KEY_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     sampling: SamplingParams
     visual: _tensor_pb2.TensorHeader
     request_id: str
     uncompressed_visual_tokens: int
     inner: InnerCompression
-    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., visual: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., request_id: _Optional[str] = ..., uncompressed_visual_tokens: _Optional[int] = ..., inner: _Optional[_Union[InnerCompression, _Mapping]] = ...) -> None: ...
+    video_key: str
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., visual: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., request_id: _Optional[str] = ..., uncompressed_visual_tokens: _Optional[int] = ..., inner: _Optional[_Union[InnerCompression, _Mapping]] = ..., video_key: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("setup", "visual_chunk")
@@ -149,10 +151,18 @@ class GenerateFinal(_message.Message):
     flops: PrefillFlops
     def __init__(self, finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[GenerateTimings, _Mapping]] = ..., flops: _Optional[_Union[PrefillFlops, _Mapping]] = ...) -> None: ...
 
+class Accepted(_message.Message):
+    __slots__ = ("need_visual",)
+    NEED_VISUAL_FIELD_NUMBER: _ClassVar[int]
+    need_visual: bool
+    def __init__(self, need_visual: _Optional[bool] = ...) -> None: ...
+
 class GenerateResponse(_message.Message):
-    __slots__ = ("delta", "final")
+    __slots__ = ("delta", "final", "accepted")
     DELTA_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     delta: TextDelta
     final: GenerateFinal
-    def __init__(self, delta: _Optional[_Union[TextDelta, _Mapping]] = ..., final: _Optional[_Union[GenerateFinal, _Mapping]] = ...) -> None: ...
+    accepted: Accepted
+    def __init__(self, delta: _Optional[_Union[TextDelta, _Mapping]] = ..., final: _Optional[_Union[GenerateFinal, _Mapping]] = ..., accepted: _Optional[_Union[Accepted, _Mapping]] = ...) -> None: ...

@@ -50,8 +50,9 @@ class LLMServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request_iterator, context):
-        """The client sends one GenerateSetup, then (if it carries a visual tensor header) the visual
-        tokens as TensorChunk messages. The server streams TextDelta messages, then one GenerateFinal.
+        """The client sends one GenerateSetup. If it carries a visual tensor header, the server answers
+        Accepted first, and the client then sends the visual tokens as TensorChunk messages if the
+        server needs them. The server streams TextDelta messages, then one GenerateFinal.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

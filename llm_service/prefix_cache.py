@@ -1,0 +1,76 @@
+"""KV caches of shared prompt prefixes (the chat up to and including the video), kept per replica.
+
+A repeat question about a video that this replica has seen skips both the transfer of the visual
+tokens and their prefill: the stored keys and values of the prefix seed a fresh cache and only
+the question's tokens are prefilled. The key covers the video's identity (the gateway's cache key:
+model, video bytes, sampling, compression) and the prompt tokens before the video, so a different
+system prompt or history never matches. Entries are evicted least recently used first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PrefixKV:
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: keys, values [1, H_kv, L, dh]
+    length: int
+
+    @classmethod
+    def from_cache(cls, cache) -> PrefixKV:
+        # The cache grows by concatenation, so these tensors are never written again: no copy needed.
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        return cls(layers, layers[0][0].shape[-2])
+
+    def seed(self, cache) -> None:
+        """Fill an empty cache with this prefix (the cache copies, the entry stays intact)."""
+        for index, (keys, values) in enumerate(self.layers):
+            cache.update(keys, values, index)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
+
+
+class PrefixCache:
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, PrefixKV] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(video_key: str, prefix_ids: list[int]) -> str:
+        digest = hashlib.sha256(video_key.encode())
+        digest.update(torch.tensor(prefix_ids, dtype=torch.int64).numpy().tobytes())
+        return digest.hexdigest()
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def get(self, key: str) -> PrefixKV | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry
+
+    def put(self, key: str, entry: PrefixKV) -> None:
+        if self.max_entries <= 0:
+            return
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
