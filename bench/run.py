@@ -96,13 +96,15 @@ async def latency_matrix(url: str, redis_url: str, clip: bytes, args) -> list[di
     rows = []
     async with httpx.AsyncClient(timeout=900) as client:
         await stream_once(client, url, chat_body(variant(clip, 10_000), 8, {"method": "none"}, 4))  # warm-up
+        variants = iter(range(20_000, 30_000))
         for frames in ints(args.frames):
             for retain in floats(args.retain):
-                body = chat_body(clip, frames, compression_for(retain), args.max_tokens)
-                await stream_once(client, url, body)  # warm-up of this shape
+                warm = chat_body(variant(clip, next(variants)), frames, compression_for(retain), args.max_tokens)
+                await stream_once(client, url, warm)  # warm-up of this shape
                 misses, hits = [], []
                 for _ in range(args.repeats):
-                    store.flushall()
+                    # new bytes, same frames: a miss in Redis and in the LLM's prefix cache
+                    body = chat_body(variant(clip, next(variants)), frames, compression_for(retain), args.max_tokens)
                     misses.append(await stream_once(client, url, body))
                     hits.append(await stream_once(client, url, body))
                 assert all(s.cache == "miss" for s in misses) and all(s.cache == "hit" for s in hits)
