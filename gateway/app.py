@@ -2,6 +2,7 @@
 
 Routes only parse, validate and format; the pipeline does the work. Every error leaves in
 OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) with a fitting status code.
+With `api_keys` set, gateway/auth.py answers 401 to requests without a valid Bearer key first.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.auth import APIKeyAuth
 from gateway.backends import ReplicaPool
 from gateway.cache import RedisStore, TokenCache
 from gateway.errors import APIError, bad_request
+from gateway.fetch import FetchPolicy, fetch_video
 from gateway.limits import BodySizeLimit
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import ChatRequest, Outcome, Pipeline, VideoRequest
@@ -63,6 +66,8 @@ def compression_settings_dict(message) -> dict:
 def create_app(settings: GatewaySettings) -> FastAPI:
     metrics = GatewayMetrics()
     rt = Runtime()
+    fetch_policy = FetchPolicy.parse(settings.fetch_urls, settings.max_upload_bytes, settings.fetch_timeout_s,
+                                     settings.fetch_allow)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -77,6 +82,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app = FastAPI(title="videollm", version="1.0", summary="Video question answering, OpenAI-compatible",
                   lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_keys:  # added last = outermost: a 401 goes out before the body is read or size-checked
+        app.add_middleware(APIKeyAuth, keys=settings.api_keys)
+        log.info("API keys required on every route but /health, /ready and /metrics (%d configured)",
+                 len(settings.api_keys))
     app.state.settings = settings
     app.state.metrics = metrics
 
@@ -117,8 +126,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                                param="messages", code="video_not_found")
             return video
         if url.startswith(("http://", "https://")):
-            raise bad_request("fetching videos from URLs is disabled; send a data: URL or upload to /v1/videos",
-                              "messages")
+            return Video.of(await fetch_video(url, fetch_policy))
         raise bad_request("video_url.url must be a data:video/...;base64, URL or a video id from /v1/videos",
                           "messages")
 

@@ -55,7 +55,8 @@ def gateway_settings(args: argparse.Namespace):
     from videollm.settings import GatewaySettings
 
     return GatewaySettings(**_given(args, "host", "port", "encoders", "llms", "redis_url", "model_name",
-                                    "cache_ttl_s", "max_upload_bytes", "max_frames", "request_timeout_s"))
+                                    "cache_ttl_s", "max_upload_bytes", "max_frames", "request_timeout_s",
+                                    "api_keys"))
 
 
 def cmd_gateway(args: argparse.Namespace) -> None:
@@ -93,6 +94,9 @@ def _gateway_flags(parser: argparse.ArgumentParser, with_addresses: bool) -> Non
     parser.add_argument("--max-upload-bytes", dest="max_upload_bytes", type=int, help="largest video accepted")
     parser.add_argument("--max-frames", dest="max_frames", type=int, help="largest num_frames a request may ask for")
     parser.add_argument("--request-timeout-s", dest="request_timeout_s", type=float, help="deadline downstream")
+    parser.add_argument("--api-keys", dest="api_keys", metavar="KEYS",
+                        help="comma-separated keys clients must send as 'Authorization: Bearer <key>' "
+                             "(default: none, no authentication); VIDEOLLM_GATEWAY_API_KEYS keeps them out of ps")
 
 
 def build_parser() -> argparse.ArgumentParser:

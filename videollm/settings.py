@@ -116,11 +116,15 @@ def _split_list(value):
 
 
 class GatewaySettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VIDEOLLM_GATEWAY_", extra="ignore")
+    # hide_input_in_errors: a bad value must not echo an API key (or a password in redis_url) in the error
+    model_config = SettingsConfigDict(env_prefix="VIDEOLLM_GATEWAY_", extra="ignore", hide_input_in_errors=True)
 
     host: str = "127.0.0.1"
     port: int = 8000
     model_name: str = Field("videollm", description="the model name clients pass and /v1/models lists")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        [], repr=False, description="keys clients send as 'Authorization: Bearer <key>'; empty = no authentication"
+    )
     encoders: Annotated[list[str], NoDecode] = ["127.0.0.1:50051"]
     llms: Annotated[list[str], NoDecode] = ["127.0.0.1:50052"]
     redis_url: str | None = Field(
@@ -132,6 +136,16 @@ class GatewaySettings(BaseSettings):
     max_upload_bytes: int = Field(256 * MiB, ge=1, description="largest video accepted, uploaded or inline")
     max_frames: int = Field(64, ge=1, description="largest num_frames a request may ask for")
     request_timeout_s: float = Field(600.0, gt=0, description="deadline of one request downstream")
+    fetch_urls: bool = Field(False, description="accept http(s) video URLs (fetched by the gateway)")
+    fetch_timeout_s: float = Field(30.0, gt=0, description="time limit of one video download")
+    fetch_allow: Annotated[list[str], NoDecode] = Field(
+        [], description="networks (CIDR) that URLs may reach although private, e.g. 10.1.2.0/24"
+    )
+
+    @field_validator("fetch_allow", mode="before")
+    @classmethod
+    def _networks(cls, value):
+        return _split_list(value)
 
     @field_validator("encoders", "llms", mode="before")
     @classmethod
@@ -140,6 +154,16 @@ class GatewaySettings(BaseSettings):
         if not value:
             raise ValueError("give at least one address (host:port)")
         return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, value):
+        keys = _split_list(value)
+        for number, key in enumerate(keys or [], 1):
+            # printable ASCII without spaces, so it can be sent as a Bearer token; the message never shows the key
+            if not isinstance(key, str) or not key or not all("!" <= c <= "~" for c in key):
+                raise ValueError(f"API key #{number} must be a non-empty string of printable ASCII without spaces")
+        return keys
 
     @property
     def max_body_bytes(self) -> int:

@@ -7,6 +7,7 @@ Ctrl-C or SIGTERM stops the gateway first (it drains), then the services, then R
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -140,6 +141,8 @@ def run_stack(args) -> int:
         wait_for_grpc(f"127.0.0.1:{llm_port}", llm, 600)
 
         env = {**os.environ, "REDIS_URL": redis_url}
+        if gateway.api_keys:  # through the environment, not argv: `ps` shows argv to every user
+            env["VIDEOLLM_GATEWAY_API_KEYS"] = json.dumps(gateway.api_keys)
         gateway_argv = [*python, "gateway", "--host", gateway.host, "--port", str(gateway.port),
                         "--encoders", f"127.0.0.1:{encoder_port}", "--llms", f"127.0.0.1:{llm_port}",
                         "--model-name", gateway.model_name]
