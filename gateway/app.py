@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 class Runtime:
     """What the gateway holds while it runs: Redis, replica pools, the pipeline."""
 
+    in_flight = 0  # chat completions in progress
+
     def start(self, settings: GatewaySettings) -> None:
         self.store = RedisStore(settings.redis_url)
         self.uploads = UploadStore(self.store, settings.upload_ttl_s)
@@ -244,32 +246,51 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             metrics.completion_tokens.inc(outcome.final.usage.completion_tokens)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         received_at = time.perf_counter()
         if body.model != settings.model_name:
             raise APIError(404, f"the model {body.model!r} does not exist; use {settings.model_name!r}",
                            "not_found_error", param="model", code="model_not_found")
+        if rt.in_flight >= settings.max_in_flight:
+            raise APIError(429, f"the gateway has {settings.max_in_flight} requests in progress; retry shortly",
+                           "rate_limit_error", code="overloaded", headers={"Retry-After": "1"})
         chat = await to_chat_request(body)
         chat.received_at = received_at
+        chat.deadline = time.monotonic() + settings.request_timeout_s
         outcome = Outcome()
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         metrics.in_flight.inc()
+        rt.in_flight += 1
         try:
             responses = await rt.pipeline.start(chat, outcome)
         except BaseException:
             metrics.in_flight.dec()
+            rt.in_flight -= 1
             raise
         headers = {"x-videollm-cache": outcome.cache or "none"}
 
         if not body.stream:
-            try:
-                text = []
+            text = []
+
+            async def collect():
                 async for response in responses:
                     if response.WhichOneof("item") == "delta":
                         text.append(response.delta.text)
+
+            try:
+                collecting = asyncio.ensure_future(collect())
+                while not collecting.done():
+                    await asyncio.wait({collecting}, timeout=0.5)
+                    if not collecting.done() and await request.is_disconnected():
+                        collecting.cancel()  # the client left: stop decoding and free the LLM
+                        await asyncio.gather(collecting, return_exceptions=True)
+                        record(outcome, received_at, "499")
+                        return Response(status_code=499)
+                collecting.result()
             finally:
                 metrics.in_flight.dec()
+                rt.in_flight -= 1
             record(outcome, received_at, "200")
             return JSONResponse(
                 {
@@ -327,6 +348,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 raise
             finally:
                 metrics.in_flight.dec()
+                rt.in_flight -= 1
                 record(outcome, received_at, status)
 
         return StreamingResponse(events(), media_type="text/event-stream",

@@ -52,6 +52,14 @@ class ChatRequest:
     video: VideoRequest | None
     inner: llm_pb2.InnerCompression | None = None  # EarlyTom Stage III in the LLM
     received_at: float = field(default_factory=time.perf_counter)
+    deadline: float = float("inf")  # time.monotonic() by which the whole request must be done
+
+    def remaining_s(self) -> float:
+        """What is left of the request's deadline: the gRPC deadline of the next downstream call."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise APIError(504, "the request ran out of time", "timeout", code="deadline_exceeded")
+        return left
 
 
 @dataclass
@@ -186,7 +194,8 @@ class Pipeline:
                               error_path(err, "videollm.compression")) from err
         return frames, compression
 
-    async def _open_encode(self, request: VideoRequest, frames: int, compression: CompressionSettings):
+    async def _open_encode(self, request: VideoRequest, frames: int, compression: CompressionSettings,
+                           timeout_s: float):
         """Start Encode on some replica and return (call, header); retries another replica when one is down."""
         message = encoder_pb2.EncodeRequest(
             video=request.video.data,
@@ -198,7 +207,7 @@ class Pipeline:
             tried.add(replica.address)
             try:
                 with self.encoders.use(replica):
-                    call = replica.stub.Encode(message, timeout=self.settings.request_timeout_s)
+                    call = replica.stub.Encode(message, timeout=timeout_s)
                     first = await call.read()
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.UNAVAILABLE:
@@ -211,7 +220,7 @@ class Pipeline:
         raise APIError(503, "no encoder replica is available", "service_unavailable",
                        code="backend_unavailable", headers={"Retry-After": "1"})
 
-    async def visual_source(self, request: VideoRequest, outcome: Outcome) -> VisualSource:
+    async def visual_source(self, request: VideoRequest, outcome: Outcome, timeout_s: float) -> VisualSource:
         """The request's visual tokens, from the cache, a concurrent identical encode, or the encoder."""
         frames, compression = await self.resolve(request)
         info = await self.encoder_info()
@@ -225,7 +234,7 @@ class Pipeline:
         if waiting is not None:  # someone is encoding the same video with the same settings
             return VisualSource.in_memory(key, await asyncio.shield(waiting))
         try:
-            call, header = await self._open_encode(request, frames, compression)
+            call, header = await self._open_encode(request, frames, compression, timeout_s)
         except BaseException as err:
             self.single_flight.finish(key, error=err)
             raise
@@ -261,7 +270,7 @@ class Pipeline:
         source = None
         setup = llm_pb2.GenerateSetup(messages=request.messages, sampling=request.sampling, inner=request.inner)
         if request.video is not None:
-            source = await self.visual_source(request.video, outcome)
+            source = await self.visual_source(request.video, outcome, request.remaining_s())
             outcome.header = source.header
             setup.visual.CopyFrom(source.header.tensor)
             setup.uncompressed_visual_tokens = source.header.uncompressed_tokens
@@ -275,7 +284,7 @@ class Pipeline:
             self.llms.acquire(replica)
             need_visual = asyncio.get_running_loop().create_future()
             call = replica.stub.Generate(_generate_requests(setup, chunks, need_visual),
-                                         timeout=self.settings.request_timeout_s)
+                                         timeout=request.remaining_s())
             try:
                 first = await call.read()
                 if first is not grpc.aio.EOF and first.WhichOneof("item") == "accepted":

@@ -136,6 +136,7 @@ class GatewaySettings(BaseSettings):
     max_upload_bytes: int = Field(256 * MiB, ge=1, description="largest video accepted, uploaded or inline")
     max_frames: int = Field(64, ge=1, description="largest num_frames a request may ask for")
     request_timeout_s: float = Field(600.0, gt=0, description="deadline of one request downstream")
+    max_in_flight: int = Field(256, ge=1, description="chat completions in progress; more get 429")
     fetch_urls: bool = Field(False, description="accept http(s) video URLs (fetched by the gateway)")
     fetch_timeout_s: float = Field(30.0, gt=0, description="time limit of one video download")
     fetch_allow: Annotated[list[str], NoDecode] = Field(
