@@ -46,9 +46,10 @@ class Runtime:
         self.store = RedisStore(settings.redis_url)
         self.uploads = UploadStore(self.store, settings.upload_ttl_s)
         grpc_message_bytes = settings.max_upload_bytes + (1 << 20)
+        tls = ReplicaPool.credentials(settings.grpc_tls_ca, settings.grpc_tls_cert, settings.grpc_tls_key)
         self.encoders = ReplicaPool.connect("encoder", settings.encoders, encoder_pb2_grpc.EncoderStub,
-                                            grpc_message_bytes)
-        self.llms = ReplicaPool.connect("llm", settings.llms, llm_pb2_grpc.LLMStub, 16 << 20)
+                                            grpc_message_bytes, tls)
+        self.llms = ReplicaPool.connect("llm", settings.llms, llm_pb2_grpc.LLMStub, 16 << 20, tls)
         cache = TokenCache(self.store, settings.cache_ttl_s, settings.cache_max_entry_bytes)
         self.pipeline = Pipeline(settings, self.encoders, self.llms, cache)
 

@@ -11,6 +11,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -43,8 +45,24 @@ class ReplicaPool:
     replicas: list[Replica]
     _turn: itertools.count = field(default_factory=itertools.count)
 
+    @staticmethod
+    def credentials(ca, cert, key) -> grpc.ChannelCredentials | None:
+        """TLS towards the services when a CA is given; a client certificate too for mutual TLS."""
+        if ca is None:
+            if cert is not None or key is not None:
+                raise ValueError("grpc_tls_cert and grpc_tls_key need grpc_tls_ca as well")
+            return None
+        if (cert is None) != (key is None):
+            raise ValueError("mutual TLS needs both grpc_tls_cert and grpc_tls_key")
+        return grpc.ssl_channel_credentials(
+            root_certificates=Path(ca).read_bytes(),
+            private_key=Path(key).read_bytes() if key else None,
+            certificate_chain=Path(cert).read_bytes() if cert else None,
+        )
+
     @classmethod
-    def connect(cls, kind: str, addresses: list[str], stub_cls, max_message_bytes: int) -> ReplicaPool:
+    def connect(cls, kind: str, addresses: list[str], stub_cls, max_message_bytes: int,
+                credentials: grpc.ChannelCredentials | None = None) -> ReplicaPool:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -53,7 +71,8 @@ class ReplicaPool:
         ]
         replicas = []
         for address in addresses:
-            channel = grpc.aio.insecure_channel(address, options=options)
+            channel = (grpc.aio.secure_channel(address, credentials, options=options) if credentials
+                       else grpc.aio.insecure_channel(address, options=options))
             replicas.append(Replica(address, channel, stub_cls(channel)))
         return cls(kind, replicas)
 

@@ -14,7 +14,7 @@ from llm_service.sampling import SamplingParams
 from protos.videollm.v1 import llm_pb2, llm_pb2_grpc
 from videollm import wire
 from videollm.checkpoint import peak_memory_bytes
-from videollm.grpc_server import MiB, bind, make_server, run_until_signalled, set_serving
+from videollm.grpc_server import MiB, bind, make_server, run_until_signalled, server_credentials, set_serving
 from videollm.settings import LLMSettings
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,8 @@ def start(settings: LLMSettings, engine: LLMEngine | None = None):
     engine = engine or LLMEngine(settings)
     server, health = make_server(settings.max_concurrent + 4, 16 * MiB)
     llm_pb2_grpc.add_LLMServicer_to_server(LLMServicer(engine), server)
-    port = bind(server, settings.host, settings.port)
+    credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    port = bind(server, settings.host, settings.port, credentials)
     server.start()
     set_serving(health, [SERVICE_NAME], True)
     log.info("LLM serving %s on %s:%d", engine.model_id, settings.host, port)

@@ -20,6 +20,9 @@ def _given(args: argparse.Namespace, *names: str) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
+TLS_FLAGS = ("tls_cert", "tls_key", "tls_client_ca")
+
+
 def _service_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, help="local LLaVA-OneVision checkpoint (default: the embedded model)")
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
@@ -27,6 +30,10 @@ def _service_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="default auto")
     parser.add_argument("--max-concurrent", dest="max_concurrent", type=int, help="requests admitted at once")
+    parser.add_argument("--tls-cert", dest="tls_cert", type=Path, help="PEM certificate chain: serve over TLS")
+    parser.add_argument("--tls-key", dest="tls_key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", dest="tls_client_ca", type=Path,
+                        help="PEM CA bundle: require client certificates (mutual TLS)")
 
 
 def cmd_encoder(args: argparse.Namespace) -> None:
@@ -34,7 +41,7 @@ def cmd_encoder(args: argparse.Namespace) -> None:
     from videollm.settings import EncoderSettings
 
     settings = EncoderSettings(**_given(args, "model", "host", "port", "device", "dtype", "max_concurrent",
-                                        "default_frames", "max_frames", "max_video_bytes"))
+                                        "default_frames", "max_frames", "max_video_bytes", *TLS_FLAGS))
     overrides = {name: value for name, value in (("method", args.compression), ("retain_ratio", args.retain_ratio),
                                                  ("prune_layers", args.prune_layers)) if value is not None}
     if overrides:
@@ -47,16 +54,18 @@ def cmd_llm(args: argparse.Namespace) -> None:
     from videollm.settings import LLMSettings
 
     settings = LLMSettings(**_given(args, "model", "host", "port", "device", "dtype", "max_concurrent",
-                                    "default_max_tokens", "max_tokens_limit", "max_context_tokens"))
+                                    "default_max_tokens", "max_tokens_limit", "max_context_tokens", *TLS_FLAGS))
     serve(settings)
 
 
 def gateway_settings(args: argparse.Namespace):
     from videollm.settings import GatewaySettings
 
-    return GatewaySettings(**_given(args, "host", "port", "encoders", "llms", "redis_url", "model_name",
-                                    "cache_ttl_s", "max_upload_bytes", "max_frames", "request_timeout_s",
-                                    "api_keys"))
+    names = ["host", "port", "encoders", "llms", "redis_url", "model_name", "cache_ttl_s", "max_upload_bytes",
+             "max_frames", "request_timeout_s", "api_keys"]
+    if hasattr(args, "grpc_tls_ca"):  # `videollm gateway` only: `serve` runs its services without TLS
+        names += ["grpc_tls_ca", "grpc_tls_cert", "grpc_tls_key"]
+    return GatewaySettings(**_given(args, *names))
 
 
 def cmd_gateway(args: argparse.Namespace) -> None:
@@ -94,6 +103,10 @@ def _gateway_flags(parser: argparse.ArgumentParser, with_addresses: bool) -> Non
     parser.add_argument("--max-upload-bytes", dest="max_upload_bytes", type=int, help="largest video accepted")
     parser.add_argument("--max-frames", dest="max_frames", type=int, help="largest num_frames a request may ask for")
     parser.add_argument("--request-timeout-s", dest="request_timeout_s", type=float, help="deadline downstream")
+    if with_addresses:
+        parser.add_argument("--grpc-tls-ca", dest="grpc_tls_ca", type=Path, help="PEM CA: reach the services over TLS")
+        parser.add_argument("--grpc-tls-cert", dest="grpc_tls_cert", type=Path, help="PEM client certificate (mTLS)")
+        parser.add_argument("--grpc-tls-key", dest="grpc_tls_key", type=Path, help="PEM key of --grpc-tls-cert")
     parser.add_argument("--api-keys", dest="api_keys", metavar="KEYS",
                         help="comma-separated keys clients must send as 'Authorization: Bearer <key>' "
                              "(default: none, no authentication); VIDEOLLM_GATEWAY_API_KEYS keeps them out of ps")

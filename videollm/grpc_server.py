@@ -6,6 +6,7 @@ import logging
 import signal
 import threading
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,9 +30,32 @@ def make_server(max_workers: int, max_message_bytes: int) -> tuple[grpc.Server, 
     return server, health_servicer
 
 
-def bind(server: grpc.Server, host: str, port: int) -> int:
-    """Listen on host:port (port 0 picks a free one); returns the port."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+def _read(path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise RuntimeError(f"cannot read TLS file {path}: {err.strerror}") from err
+
+
+def server_credentials(cert, key, client_ca) -> grpc.ServerCredentials | None:
+    """TLS when a certificate is given; mutual TLS (client certificates required) when a client CA is too."""
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise RuntimeError("tls_client_ca needs tls_cert and tls_key as well")
+        return None
+    if cert is None or key is None:
+        raise RuntimeError("TLS needs both tls_cert and tls_key")
+    return grpc.ssl_server_credentials(
+        [(_read(key), _read(cert))],
+        root_certificates=_read(client_ca) if client_ca is not None else None,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def bind(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
+    """Listen on host:port (port 0 picks a free one), over TLS when credentials are given; returns the port."""
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise RuntimeError(f"could not listen on {host}:{port}: is the port in use?")
     return bound

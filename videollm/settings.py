@@ -74,6 +74,9 @@ class _ServiceSettings(BaseSettings):
         "auto", description="auto = bfloat16 on CUDA, float32 on the CPU"
     )
     max_concurrent: int = Field(8, ge=1, description="requests admitted at once; more get RESOURCE_EXHAUSTED")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain: serve gRPC over TLS")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_client_ca: Path | None = Field(None, description="PEM CA bundle: require client certificates (mutual TLS)")
 
     def torch_dtype_name(self) -> str:
         if self.dtype != "auto":
@@ -137,6 +140,9 @@ class GatewaySettings(BaseSettings):
     max_frames: int = Field(64, ge=1, description="largest num_frames a request may ask for")
     request_timeout_s: float = Field(600.0, gt=0, description="deadline of one request downstream")
     max_in_flight: int = Field(256, ge=1, description="chat completions in progress; more get 429")
+    grpc_tls_ca: Path | None = Field(None, description="PEM CA bundle: reach encoders and LLMs over TLS")
+    grpc_tls_cert: Path | None = Field(None, description="PEM client certificate for mutual TLS")
+    grpc_tls_key: Path | None = Field(None, description="PEM private key of grpc_tls_cert")
     fetch_urls: bool = Field(False, description="accept http(s) video URLs (fetched by the gateway)")
     fetch_timeout_s: float = Field(30.0, gt=0, description="time limit of one video download")
     fetch_allow: Annotated[list[str], NoDecode] = Field(
