@@ -234,13 +234,20 @@ def report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, path: Path) -> bool:
+def _pyplot():
+    """matplotlib's pyplot without a display, or None where matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(results: dict, path: Path) -> bool:
+    if (plt := _pyplot()) is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for frames in sorted({r["frames"] for r in results["placements"][0]["latency"]}):
@@ -264,12 +271,7 @@ def plot(results: dict, path: Path) -> bool:
 
 
 def plot_throughput(results: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if (plt := _pyplot()) is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for placement in results["placements"]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 
 import grpc
 
@@ -11,11 +10,9 @@ from encoder_service.video_decode import VideoError
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, tensor_pb2
 from videollm import wire
 from videollm.checkpoint import peak_memory_bytes
-from videollm.grpc_server import MiB, bind, make_server, run_until_signalled, server_credentials, set_serving
+from videollm.grpc_server import MiB, run_until_signalled, start_service
 from videollm.proto_mapping import compression_from_proto, compression_to_proto
 from videollm.settings import EncoderSettings
-
-log = logging.getLogger(__name__)
 
 SERVICE_NAME = "videollm.v1.Encoder"
 
@@ -86,14 +83,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
 def start(settings: EncoderSettings, engine: EncoderEngine | None = None):
     """Start serving on settings.host:settings.port; returns (server, health, port)."""
     engine = engine or EncoderEngine(settings)
-    server, health = make_server(settings.max_concurrent + 4, settings.max_video_bytes + MiB)
-    encoder_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(engine), server)
-    credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-    port = bind(server, settings.host, settings.port, credentials)
-    server.start()
-    set_serving(health, [SERVICE_NAME], True)
-    log.info("encoder serving %s on %s:%d", engine.model_id, settings.host, port)
-    return server, health, port
+    servicer = EncoderServicer(engine)
+    return start_service(settings, settings.max_video_bytes + MiB,
+                         lambda server: encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, server),
+                         SERVICE_NAME, "encoder", engine.model_id)
 
 
 def serve(settings: EncoderSettings) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 
@@ -14,10 +13,8 @@ from llm_service.sampling import SamplingParams
 from protos.videollm.v1 import llm_pb2, llm_pb2_grpc
 from videollm import wire
 from videollm.checkpoint import peak_memory_bytes
-from videollm.grpc_server import MiB, bind, make_server, run_until_signalled, server_credentials, set_serving
+from videollm.grpc_server import MiB, run_until_signalled, start_service
 from videollm.settings import LLMSettings
-
-log = logging.getLogger(__name__)
 
 SERVICE_NAME = "videollm.v1.LLM"
 
@@ -142,14 +139,9 @@ def _chain(first, rest):
 def start(settings: LLMSettings, engine: LLMEngine | None = None):
     """Start serving on settings.host:settings.port; returns (server, health, port)."""
     engine = engine or LLMEngine(settings)
-    server, health = make_server(settings.max_concurrent + 4, 16 * MiB)
-    llm_pb2_grpc.add_LLMServicer_to_server(LLMServicer(engine), server)
-    credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-    port = bind(server, settings.host, settings.port, credentials)
-    server.start()
-    set_serving(health, [SERVICE_NAME], True)
-    log.info("LLM serving %s on %s:%d", engine.model_id, settings.host, port)
-    return server, health, port
+    servicer = LLMServicer(engine)
+    return start_service(settings, 16 * MiB, lambda server: llm_pb2_grpc.add_LLMServicer_to_server(servicer, server),
+                         SERVICE_NAME, "LLM", engine.model_id)
 
 
 def serve(settings: LLMSettings) -> None:

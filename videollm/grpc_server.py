@@ -67,6 +67,21 @@ def set_serving(health_servicer: health.HealthServicer, service_names: list[str]
         health_servicer.set(name, status)
 
 
+def start_service(settings, max_message_bytes: int, register, service_name: str, label: str, model_id: str):
+    """Build, bind (TLS when configured) and start a service's server; returns (server, health, port).
+
+    register(server) adds the service's servicer; settings carries host, port, max_concurrent, tls_*.
+    """
+    server, health_servicer = make_server(settings.max_concurrent + 4, max_message_bytes)
+    register(server)
+    credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    port = bind(server, settings.host, settings.port, credentials)
+    server.start()
+    set_serving(health_servicer, [service_name], True)
+    log.info("%s serving %s on %s:%d", label, model_id, settings.host, port)
+    return server, health_servicer, port
+
+
 def run_until_signalled(server: grpc.Server, health_servicer: health.HealthServicer, names: list[str], grace_s: float = 30.0) -> None:
     """Serve until SIGTERM/SIGINT, then report NOT_SERVING and drain in-flight calls."""
     stop = threading.Event()
