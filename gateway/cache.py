@@ -17,7 +17,6 @@ import logging
 import struct
 import time
 import zlib
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import redis.asyncio as redis_async
@@ -182,16 +181,3 @@ class SingleFlight:
             future.exception()  # mark retrieved: followers may be gone
         else:
             future.set_result(result)
-
-    async def run(self, key: str, produce: Callable[[], Awaitable[EncodedVideo]]) -> tuple[EncodedVideo, bool]:
-        """(result, led): led is True when this caller produced it."""
-        waiting = self.leader_or_wait(key)
-        if waiting is not None:
-            return await asyncio.shield(waiting), False
-        try:
-            result = await produce()
-        except BaseException as err:
-            self.finish(key, error=err)
-            raise
-        self.finish(key, result=result)
-        return result, True
