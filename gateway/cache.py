@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import redis.asyncio as redis_async
 from redis.exceptions import RedisError
 
+from google.protobuf.message import DecodeError
+
 from protos.videollm.v1 import encoder_pb2
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,14 @@ class EncodedVideo:
             raise ValueError("not a videollm token entry")
         (header_len,) = _LEN.unpack_from(blob, len(MAGIC))
         start = len(MAGIC) + _LEN.size
-        header = encoder_pb2.EncodeHeader.FromString(blob[start : start + header_len])
+        if header_len == 0 or len(blob) < start + header_len:
+            raise ValueError("entry truncated inside its header")
+        try:
+            header = encoder_pb2.EncodeHeader.FromString(blob[start : start + header_len])
+        except DecodeError as err:
+            raise ValueError(f"entry header unreadable: {err}") from err
+        if not header.HasField("tensor") or not header.tensor.dtype:
+            raise ValueError("entry header describes no tensor")
         payload = blob[start + header_len :]
         if len(payload) != header.tensor.num_bytes:
             raise ValueError(f"entry truncated: {len(payload)} of {header.tensor.num_bytes} bytes")

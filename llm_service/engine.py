@@ -46,6 +46,7 @@ class GenerationRequest:
     inner: tuple[int, float] | None = None  # EarlyTom Stage III (layer, drop ratio; 0 = defaults), or None
     video_key: str = ""  # identity of the visual tokens; enables reuse of this prefix's KV cache
     visual_count: int = 0  # rows of the visual tensor when it was not sent (the prefix is cached here)
+    prefix_entry: PrefixKV | None = None  # the cached prefix, held from the moment the tokens were declined
 
 
 @dataclass
@@ -121,13 +122,17 @@ class LLMEngine:
         return PrefixCache.key(request.video_key, ids[: ids.index(self.lm.video_token_id)])
 
     def needs_visual(self, request: GenerationRequest) -> bool:
-        """False when this replica holds the request's prefix, so the visual tokens need not travel."""
+        """False when this replica holds the request's prefix, so the visual tokens need not travel.
+
+        The entry is then held by the request, so an eviction while it waits cannot lose it.
+        """
         try:
             ids = render(self.lm, request.messages)
         except (ValueError, PromptError):
             return True  # let prepare() report it
         key = self.prefix_key(request, ids)
-        return key is None or key not in self.prefixes
+        request.prefix_entry = self.prefixes.get(key) if key is not None else None
+        return request.prefix_entry is None
 
     def prepare(self, request: GenerationRequest) -> list[int]:
         """Validate the request and return the prompt ids (raises GenerateRequestError)."""
@@ -146,7 +151,8 @@ class LLMEngine:
                 "pass the video as a video part instead"
             )
         prefix = self.prefix_key(request, ids)
-        cached = prefix is not None and request.visual is None and prefix in self.prefixes
+        cached = prefix is not None and request.visual is None and (
+            request.prefix_entry is not None or prefix in self.prefixes)
         if (request.visual is None and not cached) != (video_parts == 0):
             raise GenerateRequestError("visual tokens are needed exactly when a message has a video part")
         if request.visual is not None:
@@ -188,7 +194,11 @@ class LLMEngine:
             queued = time.perf_counter()
             with self._device_lock:
                 queue_ms = _ms_since(queued)
-                yield from self._generate(request, ids, queue_ms)
+                try:
+                    yield from self._generate(request, ids, queue_ms)
+                finally:  # finished, stopped, cancelled or abandoned: the device is free again
+                    with self._count_lock:
+                        self.generations_completed += 1
         finally:
             self._admission.release()
 
@@ -222,7 +232,7 @@ class LLMEngine:
             )
         else:  # prefill the prefix (chat up to the video) once per replica; then only the rest
             at = ids.index(lm.video_token_id)
-            entry = self.prefixes.get(prefix)
+            entry = request.prefix_entry or self.prefixes.get(prefix)
             if entry is None:
                 if request.visual is None:
                     raise GenerateRequestError("the video's prefix was evicted; send the visual tokens again")
@@ -265,8 +275,6 @@ class LLMEngine:
                 yield Delta(tail)
         del cache
         decode_ms = _ms_since(decode_start)
-        with self._count_lock:
-            self.generations_completed += 1
         has_video = lm.video_token_id in ids
         visual_tokens = request.visual.shape[0] if request.visual is not None else request.visual_count
         text_tokens = len(ids) - has_video

@@ -29,11 +29,14 @@ class SamplingParams:
             raise ValueError("stop takes at most 8 non-empty strings")
 
 
+MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (dividing by it would overflow float32)
+
+
 class Sampler:
     def __init__(self, params: SamplingParams, device: torch.device):
         self.params = params
         self.generator = None
-        if params.temperature > 0:
+        if params.temperature >= MIN_TEMPERATURE:
             self.generator = torch.Generator(device=device)
             if params.seed is not None:
                 self.generator.manual_seed(params.seed)
@@ -43,7 +46,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> int:
         """logits [V] -> next token id."""
         p = self.params
-        if p.temperature == 0:
+        if p.temperature < MIN_TEMPERATURE:  # 0, or so small that logits / temperature overflows
             return int(torch.argmax(logits))
         scores = logits.float() / p.temperature  # [V]
         if p.top_k > 0:
