@@ -117,7 +117,8 @@ class LLMEngine:
 
     def prefix_key(self, request: GenerationRequest, ids: list[int]) -> str | None:
         """The key of this request's reusable prefix, or None when it has none (or uses Stage III)."""
-        if not request.video_key or request.inner is not None or self.lm.video_token_id not in ids:
+        if (not request.video_key or request.inner is not None or self.lm.video_token_id not in ids
+                or self.prefixes.max_entries <= 0):
             return None
         return PrefixCache.key(request.video_key, ids[: ids.index(self.lm.video_token_id)])
 
