@@ -37,7 +37,7 @@ class EncodedVideo:
     """Visual tokens as they travel: the encoder's header and the raw little-endian payload."""
 
     header: encoder_pb2.EncodeHeader
-    payload: bytes
+    payload: bytes | memoryview  # a view into the Redis value on a hit: no copy of the tokens
 
     def to_bytes(self) -> bytes:
         header = self.header.SerializeToString()
@@ -58,7 +58,7 @@ class EncodedVideo:
             raise ValueError(f"entry header unreadable: {err}") from err
         if not header.HasField("tensor") or not header.tensor.dtype:
             raise ValueError("entry header describes no tensor")
-        payload = blob[start + header_len :]
+        payload = memoryview(blob)[start + header_len :]
         if len(payload) != header.tensor.num_bytes:
             raise ValueError(f"entry truncated: {len(payload)} of {header.tensor.num_bytes} bytes")
         if zlib.crc32(payload) != header.tensor.crc32:

@@ -108,7 +108,7 @@ class EncodeRelay:
             yield data
 
 
-async def _memory_chunks(payload: bytes) -> AsyncIterator[bytes]:
+async def _memory_chunks(payload: bytes | memoryview) -> AsyncIterator[bytes]:
     view = memoryview(payload)
     for start in range(0, len(view), CHUNK_BYTES):
         yield bytes(view[start : start + CHUNK_BYTES])
