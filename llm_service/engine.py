@@ -1,13 +1,15 @@
-"""The generation engine: prompt + visual tokens -> one prefill with a KV cache -> streamed decode.
+"""The generation engine: validation, prefill of one request, and the streamed answer.
 
 Knows nothing of gRPC. `generate` is a generator of events (text deltas, then one final event);
 the caller stops consuming it, or its `is_cancelled` turns true, and decoding stops at the next
-token. One request at a time holds the device; the time spent waiting for it is `queue_ms`.
+token. The batcher thread (llm_service/batcher.py) owns the model: it prefills each request into a
+slot of the static KV cache and decodes all admitted requests together; this module turns a
+request's tokens into text, applies stop strings and reports the timings. The time a request
+waits for a free slot is `queue_ms`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,10 +17,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llm_service.batcher import Batcher, Ended, Failed, First, Sequence
 from llm_service.detokenizer import IncrementalDetokenizer
-from llm_service.inner_merge import InnerMerge, InnerMergeSettings
-from llm_service.prefix_cache import PrefixCache, PrefixKV
+from llm_service.inner_merge import InnerMergeSettings
 from llm_service.model import LanguageModel
+from llm_service.prefix_cache import PrefixCache, PrefixKV
+from llm_service.runner import ModelRunner, StageThree
 from llm_service.prompt import VIDEO, Message, PromptError, render
 from llm_service.sampling import Sampler, SamplingParams
 from videollm.checkpoint import check_model_dir, model_identity
@@ -109,16 +113,18 @@ class LLMEngine:
         model_dir = check_model_dir(settings.model)
         self.model_id = model_identity(model_dir)
         self.lm = LanguageModel(model_dir, settings.device, settings.torch_dtype_name())
-        self._device_lock = threading.Lock()
+        self.runner = ModelRunner(self.lm.model, settings.decode_slots, settings.max_context_tokens)
+        self.runner.capture_graphs()
         self._admission = threading.BoundedSemaphore(settings.max_concurrent)
         self._count_lock = threading.Lock()
         self.generations_completed = 0
         self.prefixes = PrefixCache(settings.prefix_cache_entries)
+        self.batcher = Batcher(self.runner, self._prefill)
 
     def prefix_key(self, request: GenerationRequest, ids: list[int]) -> str | None:
         """The key of this request's reusable prefix, or None when it has none (or uses Stage III)."""
         if (not request.video_key or request.inner is not None or self.lm.video_token_id not in ids
-                or self.prefixes.max_entries <= 0):
+                or ids[-1] == self.lm.video_token_id or self.prefixes.max_entries <= 0):
             return None
         return PrefixCache.key(request.video_key, ids[: ids.index(self.lm.video_token_id)])
 
@@ -179,115 +185,110 @@ class LLMEngine:
 
     def _embed(self, ids: list[int], visual: torch.Tensor | None) -> torch.Tensor:
         lm = self.lm
-        ids_t = torch.tensor(ids, device=lm.device)
-        embeds = lm.model.get_input_embeddings()(ids_t)  # [L, D]
+        embeds = lm.model.get_input_embeddings()(torch.tensor(ids, device=lm.device))  # [L, D]
         if visual is None:
-            return embeds[None]
+            return embeds
         at = ids.index(lm.video_token_id)
         visual = visual.to(lm.device, lm.dtype)  # [N, D]
-        return torch.cat([embeds[:at], visual, embeds[at + 1 :]], dim=0)[None]  # [1, L - 1 + N, D]
+        return torch.cat([embeds[:at], visual, embeds[at + 1 :]], dim=0)  # [L - 1 + N, D]
+
+    @torch.inference_mode()
+    def _prefill(self, sequence: Sequence, slot: int) -> torch.Tensor:
+        """Runs on the batcher thread: the request's prompt into `slot` -> logits of its last token [V]."""
+        request, ids, runner = sequence.request, sequence.ids, self.runner
+        prefix = self.prefix_key(request, ids)
+        if prefix is None:
+            merge = None
+            if request.inner is not None:
+                # Stage III shortens this request's sequence inside the model; it depends on the
+                # question, so its KV cache is never shared with another request.
+                settings = InnerMergeSettings.resolve(self.lm.model.config.num_hidden_layers, *request.inner)
+                merge = StageThree(settings, ids.index(self.lm.video_token_id), request.visual.shape[0])
+            return runner.prefill(slot, self._embed(ids, request.visual), 0, merge)
+        # The chat up to and including the video is prefilled once per replica; then only the rest.
+        at = ids.index(self.lm.video_token_id)
+        entry = request.prefix_entry or self.prefixes.get(prefix)
+        if entry is None:
+            if request.visual is None:
+                raise GenerateRequestError("the video's prefix was evicted; send the visual tokens again")
+            runner.prefill(slot, self._embed(ids[: at + 1], request.visual), 0)
+            entry = PrefixKV(*runner.read(slot))
+            self.prefixes.put(prefix, entry)
+        else:
+            runner.write(slot, entry.layers, entry.position)
+        return runner.prefill(slot, self._embed(ids[at + 1 :], None), entry.position)
 
     def generate(self, request: GenerationRequest) -> Iterator[Delta | Final]:
         ids = self.prepare(request)
         if not self._admission.acquire(blocking=False):
             raise Overloaded(f"the LLM has {self.settings.max_concurrent} requests in flight; retry later")
+        sequence = Sequence(request, ids, Sampler(request.sampling, self.lm.device), request.sampling.max_tokens,
+                            frozenset(self.lm.eos_token_ids), request.is_cancelled)
         try:
-            queued = time.perf_counter()
-            with self._device_lock:
-                queue_ms = _ms_since(queued)
-                try:
-                    yield from self._generate(request, ids, queue_ms)
-                finally:  # finished, stopped, cancelled or abandoned: the device is free again
-                    with self._count_lock:
-                        self.generations_completed += 1
-        finally:
+            self.batcher.submit(sequence)
+            yield from self._stream(request, sequence)
+        finally:  # finished, stopped, cancelled or abandoned: the batcher frees its slot
+            sequence.done.set()
+            with self._count_lock:
+                self.generations_completed += 1
             self._admission.release()
 
-    def _generate(self, request: GenerationRequest, ids: list[int], queue_ms: float) -> Iterator[Delta | Final]:
-        with contextlib.ExitStack() as stack:
-            if request.inner is not None:
-                # Stage III shortens this request's sequence inside the model; it depends on the
-                # question, so its KV cache is never shared with another request.
-                settings = InnerMergeSettings.resolve(self.lm.model.config.num_hidden_layers, *request.inner)
-                stack.enter_context(InnerMerge(
-                    self.lm.model.model.layers, settings, ids.index(self.lm.video_token_id), request.visual.shape[0]
-                ))
-            yield from self._decode(request, ids, queue_ms)
-
-    @torch.inference_mode()
-    def _decode(self, request: GenerationRequest, ids: list[int], queue_ms: float) -> Iterator[Delta | Final]:
-        from transformers import DynamicCache
-
+    def _stream(self, request: GenerationRequest, sequence: Sequence) -> Iterator[Delta | Final]:
         lm, params = self.lm, request.sampling
-        sampler = Sampler(params, lm.device)
         detok = IncrementalDetokenizer(lm.tokenizer)
         stops = StopMatcher(params.stop)
-
-        start = time.perf_counter()
-        cache = DynamicCache(config=lm.model.config)
-        prefix = self.prefix_key(request, ids)
-        if prefix is None:
-            out = lm.model(
-                inputs_embeds=self._embed(ids, request.visual), **{lm.cache_arg: cache}, use_cache=True,
-                logits_to_keep=1,
-            )
-        else:  # prefill the prefix (chat up to the video) once per replica; then only the rest
-            at = ids.index(lm.video_token_id)
-            entry = request.prefix_entry or self.prefixes.get(prefix)
-            if entry is None:
-                if request.visual is None:
-                    raise GenerateRequestError("the video's prefix was evicted; send the visual tokens again")
-                lm.model(inputs_embeds=self._embed(ids[: at + 1], request.visual), **{lm.cache_arg: cache},
-                         use_cache=True, logits_to_keep=1)
-                self.prefixes.put(prefix, PrefixKV.from_cache(cache))
-            else:
-                entry.seed(cache)
-            out = lm.model(input_ids=torch.tensor([ids[at + 1 :]], device=lm.device), **{lm.cache_arg: cache},
-                           use_cache=True, logits_to_keep=1)
-        token = sampler(out.logits[0, -1])
-        prefill_ms = _ms_since(start)
-        ttft_ms = _ms_since(request.arrived_at)
-
+        first = sequence.events.get()
+        if isinstance(first, Failed):
+            raise first.error
         decode_start = time.perf_counter()
-        completion, finish, stop_hit = 0, "length", False
-        while True:
-            completion += 1
-            if token in lm.eos_token_ids:
-                finish = "stop"
-                break
-            text, hit = stops.feed(detok.add(token))
-            if text:
-                yield Delta(text)
-            if hit:
-                finish, stop_hit = "stop", True
-                break
-            if completion >= params.max_tokens:
-                break
-            if request.is_cancelled():
-                finish = "cancelled"
-                break
-            out = lm.model(input_ids=torch.tensor([[token]], device=lm.device), **{lm.cache_arg: cache}, use_cache=True)
-            token = sampler(out.logits[0, -1])
+        if isinstance(first, Ended):  # cancelled while waiting for a slot
+            first = First(0, _ms_since(request.arrived_at), 0.0, _ms_since(request.arrived_at))
+            completion, finish, stop_hit = 0, "cancelled", False
+        else:
+            completion, finish, stop_hit = 0, "length", False
+            token = first.token
+            while True:
+                completion += 1
+                if token in lm.eos_token_ids:
+                    finish = "stop"
+                    break
+                text, hit = stops.feed(detok.add(token))
+                if text:
+                    yield Delta(text)
+                if hit:
+                    finish, stop_hit = "stop", True
+                    break
+                if completion >= params.max_tokens:
+                    break
+                if request.is_cancelled():
+                    finish = "cancelled"
+                    break
+                event = sequence.events.get()
+                if isinstance(event, Failed):
+                    raise event.error
+                if isinstance(event, Ended):
+                    finish = "cancelled"
+                    break
+                token = event
         if not stop_hit and finish != "cancelled":
             tail, hit = stops.feed(detok.flush())
             if not hit:
                 tail += stops.rest()
             if tail:
                 yield Delta(tail)
-        del cache
         decode_ms = _ms_since(decode_start)
-        has_video = lm.video_token_id in ids
+        has_video = lm.video_token_id in sequence.ids
         visual_tokens = request.visual.shape[0] if request.visual is not None else request.visual_count
-        text_tokens = len(ids) - has_video
+        text_tokens = len(sequence.ids) - has_video
         uncompressed = request.uncompressed_visual_tokens or visual_tokens
         yield Final(
             finish_reason=finish,
             prompt_tokens=text_tokens,
             visual_tokens=visual_tokens,
             completion_tokens=completion,
-            queue_ms=queue_ms,
-            prefill_ms=prefill_ms,
-            ttft_ms=ttft_ms,
+            queue_ms=first.queue_ms,
+            prefill_ms=first.prefill_ms,
+            ttft_ms=first.ttft_ms,
             decode_ms=decode_ms,
             decode_tokens_per_s=(completion - 1) / (decode_ms / 1e3) if completion > 1 and decode_ms > 0 else 0.0,
             receive_ms=request.receive_ms,

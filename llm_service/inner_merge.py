@@ -6,9 +6,9 @@ averaged into its most similar kept token (cosine), and layers k.. run on the sh
 Kept tokens keep their position ids, so decoding continues at the original positions. The
 answer depends on the question, so a request with Stage III never shares a cached video prefix.
 
-The decoder layers are transformers' own; forward pre-hooks on them (installed for one request,
-removed after it) compute the scores, shorten the sequence and slice the position embeddings
-and mask to match. `merge_visual_tokens` is the pure tensor part.
+The layer loop in llm_service/runner.py applies it: it scores with `last_token_attention` at
+layer k - 1, shortens the sequence with `merge_visual_tokens` (the pure tensor part) at layer k,
+and keeps per-layer cache lengths, so decoding reads the shorter cache in layers k and later.
 """
 
 from __future__ import annotations
@@ -77,74 +77,3 @@ def last_token_attention(attention: nn.Module, hidden: torch.Tensor, position_em
     keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)  # [1, H, L, dh]
     logits = (queries[:, :, -1:] @ keys.transpose(-1, -2)).float() * head_dim**-0.5  # [1, H, 1, L]
     return logits.softmax(dim=-1).mean(dim=1)[0, 0]  # [L]
-
-
-class InnerMerge:
-    """Installs Stage III on a decoder-only model for one generation (prefill and decode)."""
-
-    def __init__(self, decoder_layers: nn.ModuleList, settings: InnerMergeSettings, visual_start: int, visual_count: int):
-        self.layers = decoder_layers
-        self.settings = settings
-        self.visual_start = visual_start
-        self.visual_count = visual_count
-        self.keep = max(1, round(visual_count * (1.0 - settings.drop_ratio)))
-        self.scores: torch.Tensor | None = None  # [N] from layer k - 1
-        self.kept_index: torch.Tensor | None = None  # [L'] original positions of the shortened sequence
-        self.prefill_length = 0
-        self._handles = []
-
-    def __enter__(self) -> InnerMerge:
-        k = self.settings.layer
-        self._handles.append(
-            self.layers[k - 1].self_attn.register_forward_pre_hook(self._score, with_kwargs=True)
-        )
-        for index in range(k, len(self.layers)):
-            self._handles.append(
-                self.layers[index].register_forward_pre_hook(self._shorten(index == k), with_kwargs=True)
-            )
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _score(self, module, args, kwargs):
-        hidden = kwargs.get("hidden_states", args[0] if args else None)  # [1, L, D] after the input norm
-        if hidden.shape[1] > 1 and self.scores is None:  # the prefill pass
-            attention = last_token_attention(module, hidden, kwargs["position_embeddings"])  # [L]
-            self.scores = attention[self.visual_start : self.visual_start + self.visual_count]
-        return None
-
-    def _shorten(self, merges_here: bool):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            prefill = hidden.shape[1] > 1
-            if prefill and merges_here:
-                self.prefill_length = hidden.shape[1]
-                hidden, self.kept_index = merge_visual_tokens(hidden[0], self.scores, self.visual_start, self.keep)
-                hidden = hidden[None]
-            index = self.kept_index
-            if prefill:
-                cos, sin = kwargs["position_embeddings"]
-                if cos.shape[-2] == self.prefill_length:
-                    kwargs["position_embeddings"] = (cos[:, index], sin[:, index])
-                for name in ("position_ids", "cache_position"):
-                    value = kwargs.get(name)
-                    if value is not None and value.shape[-1] == self.prefill_length:
-                        kwargs[name] = value[..., index]
-            mask = kwargs.get("attention_mask")
-            if mask is not None and mask.shape[-1] >= self.prefill_length:
-                extra = torch.arange(self.prefill_length, mask.shape[-1], device=mask.device)
-                keys = torch.cat([index, extra])  # kept prompt positions, then tokens generated since
-                mask = mask[..., keys]
-                if prefill and mask.shape[-2] == self.prefill_length:
-                    mask = mask[..., index, :]
-                kwargs["attention_mask"] = mask
-            if args:
-                args = (hidden, *args[1:])
-            else:
-                kwargs["hidden_states"] = hidden
-            return args, kwargs
-
-        return hook

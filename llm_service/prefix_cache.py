@@ -1,7 +1,7 @@
 """KV caches of shared prompt prefixes (the chat up to and including the video), kept per replica.
 
 A repeat question about a video that this replica has seen skips both the transfer of the visual
-tokens and their prefill: the stored keys and values of the prefix seed a fresh cache and only
+tokens and their prefill: the stored keys and values of the prefix are copied into the request's KV cache slot and only
 the question's tokens are prefilled. The key covers the video's identity (the gateway's cache key:
 model, video bytes, sampling, compression) and the prompt tokens before the video, so a different
 system prompt or history never matches. Entries are evicted least recently used first.
@@ -19,19 +19,8 @@ import torch
 
 @dataclass
 class PrefixKV:
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: keys, values [1, H_kv, L, dh]
-    length: int
-
-    @classmethod
-    def from_cache(cls, cache) -> PrefixKV:
-        # The cache grows by concatenation, so these tensors are never written again: no copy needed.
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
-        return cls(layers, layers[0][0].shape[-2])
-
-    def seed(self, cache) -> None:
-        """Fill an empty cache with this prefix (the cache copies, the entry stays intact)."""
-        for index, (keys, values) in enumerate(self.layers):
-            cache.update(keys, values, index)
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: keys, values [H_kv, L, dh] (own copies)
+    position: int  # rotary position of the first token after the prefix
 
     @property
     def nbytes(self) -> int:

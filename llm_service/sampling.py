@@ -43,6 +43,10 @@ class Sampler:
             else:
                 self.generator.seed()
 
+    @property
+    def greedy(self) -> bool:
+        return self.generator is None
+
     def __call__(self, logits: torch.Tensor) -> int:
         """logits [V] -> next token id."""
         p = self.params

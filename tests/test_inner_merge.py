@@ -41,10 +41,10 @@ def run(engine, visual, inner, max_tokens=6):
 
 
 def rows_entering(engine, layer: int, inner, visual) -> list[int]:
+    """Rows of the hidden state that reach the MLP of `layer`: the prompt's, then one per decode step."""
     rows = []
-    attention = engine.lm.model.model.layers[layer].self_attn
-    handle = attention.register_forward_pre_hook(
-        lambda module, args, kwargs: rows.append(kwargs["hidden_states"].shape[1]), with_kwargs=True)
+    mlp = engine.lm.model.model.layers[layer].mlp
+    handle = mlp.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     try:
         run(engine, visual, inner)
     finally:

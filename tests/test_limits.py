@@ -21,7 +21,7 @@ def endless(llm_service):
     saved = engine.lm.eos_token_ids
     engine.lm.eos_token_ids = set()
     forwards = []
-    hook = engine.lm.model.register_forward_hook(lambda *_: forwards.append(time.monotonic()))
+    hook = engine.lm.model.lm_head.register_forward_hook(lambda *_: forwards.append(time.monotonic()))
     yield forwards
     hook.remove()
     engine.lm.eos_token_ids = saved

@@ -460,13 +460,17 @@ def test_cancelling_a_generate_call_stops_decoding_soon(stub, llm_service, monke
 
     monkeypatch.setattr(engine, "generate", tracked_generate)
     forwards = []
-    hook = engine.lm.model.register_forward_hook(lambda module, args, output: forwards.append(1))
+    hook = engine.lm.model.lm_head.register_forward_hook(lambda module, args, output: forwards.append(1))
     try:
         call = stub.Generate(generate_requests([user("Hi")], max_tokens=max_tokens), timeout=TIMEOUT_S)
         first = next(call)
         assert first.WhichOneof("item") == "delta"
         call.cancel()
         assert finished.wait(timeout=30), "the engine kept generating after the call was cancelled"
+        deadline = time.monotonic() + 5
+        while engine.batcher.active and time.monotonic() < deadline:  # the slot is freed at the next step
+            time.sleep(0.01)
+        assert engine.batcher.active == 0, "the cancelled request still holds a decode slot"
         decoded = len(forwards)
         time.sleep(0.3)
         assert len(forwards) == decoded, "decoding went on after the generation ended"

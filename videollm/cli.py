@@ -54,7 +54,8 @@ def cmd_llm(args: argparse.Namespace) -> None:
     from videollm.settings import LLMSettings
 
     settings = LLMSettings(**_given(args, "model", "host", "port", "device", "dtype", "max_concurrent",
-                                    "default_max_tokens", "max_tokens_limit", "max_context_tokens", *TLS_FLAGS))
+                                    "default_max_tokens", "max_tokens_limit", "max_context_tokens", "decode_slots",
+                                    *TLS_FLAGS))
     serve(settings)
 
 
@@ -140,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--default-max-tokens", dest="default_max_tokens", type=int, help="when a request gives none")
     llm.add_argument("--max-tokens-limit", dest="max_tokens_limit", type=int, help="largest max_tokens accepted")
     llm.add_argument("--max-context-tokens", dest="max_context_tokens", type=int,
-                     help="prompt + visual + completion tokens")
+                     help="prompt + visual + completion tokens (the length of each KV cache slot)")
+    llm.add_argument("--decode-slots", dest="decode_slots", type=int,
+                     help="requests decoded together (continuous batching), default 16")
     llm.set_defaults(func=cmd_llm)
 
     gateway = sub.add_parser("gateway", help="run the REST gateway (default 127.0.0.1:8000)")

@@ -100,6 +100,10 @@ class LLMSettings(_ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="VIDEOLLM_LLM_", extra="ignore")
 
     port: int = 50052
+    max_concurrent: int = Field(64, ge=1, description="requests admitted at once (decoding or waiting for a "
+                                "decode slot); more get RESOURCE_EXHAUSTED")
+    decode_slots: int = Field(16, ge=1, le=256, description="requests decoded together (continuous batching); "
+                              "each slot holds a KV cache of max_context_tokens")
     default_max_tokens: int = Field(256, ge=1)
     max_tokens_limit: int = Field(4096, ge=1)
     max_context_tokens: int = Field(32768, ge=1, description="prompt + visual + completion tokens")

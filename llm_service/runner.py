@@ -1,0 +1,258 @@
+"""The decoder's forward passes over a static KV cache of `slots` sequences.
+
+transformers' model object holds the weights; this module runs its layers by hand so that
+  - a prefill writes one sequence's keys and values straight into its slot of the static cache,
+    and EarlyTom Stage III shortens the sequence at layer k without hooks;
+  - one decode step runs every active sequence at once (continuous batching), each attending to its
+    own slot up to its own length, and on CUDA that step is a captured CUDA graph (one per batch
+    size and key-length bucket), so decoding costs kernel time rather than Python time.
+
+Slots are kept dense: active sequences occupy slots 0..n-1 (`move` fills a hole left by a finished
+one), so a step over n sequences is the bucket >= n. Per slot and per layer, `lengths` counts the
+rows written; layers after a Stage III merge hold fewer rows than the layers before it, while the
+rotary position of the next token (`positions`) stays the position in the unshortened prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from llm_service.inner_merge import InnerMergeSettings, last_token_attention, merge_visual_tokens
+
+log = logging.getLogger(__name__)
+
+MIN_KEY_BUCKET = 256  # decode attention reads keys in power-of-two buckets from here up to the cache length
+
+
+def _buckets(limit: int, start: int) -> list[int]:
+    sizes, size = [], start
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    return sizes + [limit]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class StageThree:
+    """One request's Stage III merge: at `settings.layer` keep `keep` of the `count` visual tokens at `start`."""
+
+    settings: InnerMergeSettings
+    start: int
+    count: int
+
+    @property
+    def keep(self) -> int:
+        return max(1, round(self.count * (1.0 - self.settings.drop_ratio)))
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, slots: int, max_length: int):
+        config = model.config
+        self.model = model
+        self.layers = model.model.layers
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.group = self.heads // self.kv_heads
+        self.slots, self.max_length = slots, max_length
+        depth = len(self.layers)
+        shape = (slots, self.kv_heads, max_length, self.head_dim)
+        with torch.device(self.device):
+            self.keys = [torch.zeros(shape, dtype=self.dtype) for _ in range(depth)]  # [S, H_kv, L, dh] each
+            self.values = [torch.zeros(shape, dtype=self.dtype) for _ in range(depth)]
+            self.lengths = torch.zeros(depth, slots, dtype=torch.long)  # rows written per layer and slot
+            self.positions = torch.zeros(slots, dtype=torch.long)  # rotary position of the next token
+            self.tokens = torch.zeros(slots, dtype=torch.long)  # the next input token of each slot
+            self.slot_index = torch.arange(slots)
+            self.key_index = torch.arange(max_length)
+            probe = torch.zeros(1, dtype=self.dtype)
+            cos, sin = model.model.rotary_emb(probe, torch.arange(max_length)[None])  # [1, L, dh]
+        self.cos, self.sin = cos[0], sin[0]  # [L, dh], exactly as transformers computes them per position
+        self.rows = [0] * slots  # host copy: most rows any layer of the slot holds
+        self.batch_buckets = _buckets(slots, 1) if slots > 1 else [1]
+        self.key_buckets = _buckets(max_length, min(MIN_KEY_BUCKET, max_length))
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.steps = 0  # decode steps run (tests and metrics read it)
+        log.info("KV cache: %d slots x %d tokens, %.2f GiB", slots, max_length, self.cache_bytes / 2**30)
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    # --- prefill ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, embeds: torch.Tensor, position: int, merge: StageThree | None = None) -> torch.Tensor:
+        """Append embeds [L, D] to `slot` starting at rotary `position`; return the last token's logits [V]."""
+        length = embeds.shape[0]
+        if self.rows[slot] + length > self.max_length:
+            raise ValueError(f"{self.rows[slot] + length} tokens do not fit a KV cache slot of {self.max_length}")
+        positions = torch.arange(position, position + length, device=self.device)  # [L]
+        hidden = embeds.to(self.dtype)  # [L, D]
+        scores = None
+        for index, layer in enumerate(self.layers):
+            if merge is not None and index == merge.settings.layer:
+                hidden, kept = merge_visual_tokens(hidden, scores, merge.start, merge.keep)  # [L', D], [L']
+                positions = positions[kept]
+            cos, sin = self.cos[positions], self.sin[positions]  # [L, dh]
+            normed = layer.input_layernorm(hidden)
+            if merge is not None and index == merge.settings.layer - 1:
+                attention = last_token_attention(layer.self_attn, normed[None], (cos[None], sin[None]))  # [L]
+                scores = attention[merge.start : merge.start + merge.count]
+            hidden = hidden + self._prefill_attention(index, layer.self_attn, slot, normed, cos, sin)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        rows = self.lengths[:, slot].max().item()
+        self.rows[slot] = rows
+        self.positions[slot] = position + length
+        return self._logits(hidden[-1:])[0]  # [V]
+
+    def _prefill_attention(self, index: int, attn: nn.Module, slot: int, normed: torch.Tensor,
+                           cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        length = normed.shape[0]
+        dh = self.head_dim
+        queries = _rotate(attn.q_proj(normed).view(length, self.heads, dh).transpose(0, 1), cos, sin)  # [H, L, dh]
+        keys = _rotate(attn.k_proj(normed).view(length, self.kv_heads, dh).transpose(0, 1), cos, sin)  # [H_kv, L, dh]
+        values = attn.v_proj(normed).view(length, self.kv_heads, dh).transpose(0, 1)  # [H_kv, L, dh]
+        start = int(self.lengths[index, slot])
+        end = start + length
+        self.keys[index][slot, :, start:end] = keys
+        self.values[index][slot, :, start:end] = values
+        self.lengths[index, slot] = end
+        all_keys = self.keys[index][slot, :, :end].repeat_interleave(self.group, dim=0)  # [H, S, dh]
+        all_values = self.values[index][slot, :, :end].repeat_interleave(self.group, dim=0)
+        if start == 0:
+            out = F.scaled_dot_product_attention(queries[None], all_keys[None], all_values[None], is_causal=True)
+        else:  # a cached prefix precedes: row j sees keys up to start + j
+            visible = self.key_index[:end][None, :] <= (start + torch.arange(length, device=self.device))[:, None]
+            out = F.scaled_dot_product_attention(queries[None], all_keys[None], all_values[None], attn_mask=visible)
+        return attn.o_proj(out[0].transpose(0, 1).reshape(length, self.heads * dh))  # [L, D]
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.model.norm(hidden)).float()  # [B, V]
+
+    # --- the cache of one slot ----------------------------------------------------------------
+
+    def read(self, slot: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """Copies of the slot's keys and values per layer ([H_kv, L_i, dh] each) and its next position."""
+        layers = []
+        for index in range(len(self.layers)):
+            rows = int(self.lengths[index, slot])
+            layers.append((self.keys[index][slot, :, :rows].clone(), self.values[index][slot, :, :rows].clone()))
+        return layers, int(self.positions[slot])
+
+    def write(self, slot: int, layers: list[tuple[torch.Tensor, torch.Tensor]], position: int) -> None:
+        """Fill an empty slot with keys and values from `read`."""
+        for index, (keys, values) in enumerate(layers):
+            rows = keys.shape[1]
+            self.keys[index][slot, :, :rows] = keys
+            self.values[index][slot, :, :rows] = values
+            self.lengths[index, slot] = rows
+        self.rows[slot] = max(keys.shape[1] for keys, _ in layers)
+        self.positions[slot] = position
+
+    def move(self, source: int, target: int) -> None:
+        """Copy the sequence in `source` to the free slot `target`, then free `source`."""
+        for index in range(len(self.layers)):
+            rows = int(self.lengths[index, source])
+            self.keys[index][target, :, :rows] = self.keys[index][source, :, :rows]
+            self.values[index][target, :, :rows] = self.values[index][source, :, :rows]
+        self.lengths[:, target] = self.lengths[:, source]
+        self.positions[target] = self.positions[source]
+        self.tokens[target] = self.tokens[source]
+        self.rows[target] = self.rows[source]
+        self.free(source)
+
+    def free(self, slot: int) -> None:
+        self.lengths[:, slot] = 0
+        self.positions[slot] = 0
+        self.tokens[slot] = 0
+        self.rows[slot] = 0
+
+    # --- decode -------------------------------------------------------------------------------
+
+    def _step(self, batch: int, key_length: int) -> torch.Tensor:
+        """One token for slots 0..batch-1 from `tokens`; writes their keys and values -> logits [batch, V]."""
+        dh = self.head_dim
+        hidden = self.model.model.embed_tokens(self.tokens[:batch])  # [B, D]
+        positions = self.positions[:batch]
+        cos = self.cos[positions][:, None, None, :]  # [B, 1, 1, dh]
+        sin = self.sin[positions][:, None, None, :]
+        rows = self.slot_index[:batch]
+        key_index = self.key_index[:key_length]
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            normed = layer.input_layernorm(hidden)
+            # The query heads sharing a key head act as that head's queries: no copies of keys.
+            queries = _rotate(attn.q_proj(normed).view(batch, self.kv_heads, self.group, dh), cos, sin)  # [B, H_kv, G, dh]
+            keys = _rotate(attn.k_proj(normed).view(batch, self.kv_heads, 1, dh), cos, sin)[:, :, 0]  # [B, H_kv, dh]
+            values = attn.v_proj(normed).view(batch, self.kv_heads, dh)
+            at = self.lengths[index, :batch]  # [B] the row each slot writes
+            self.keys[index][rows, :, at] = keys
+            self.values[index][rows, :, at] = values
+            visible = (key_index[None, :] <= at[:, None])[:, None, None, :]  # [B, 1, 1, K]
+            out = F.scaled_dot_product_attention(
+                queries, self.keys[index][:batch, :, :key_length], self.values[index][:batch, :, :key_length],
+                attn_mask=visible,
+            )  # [B, H_kv, G, dh]
+            hidden = hidden + attn.o_proj(out.reshape(batch, self.heads * dh))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self._logits(hidden)  # [B, V]
+
+    def _bucket(self, sizes: list[int], need: int) -> int:
+        return next(size for size in sizes if size >= need)
+
+    @torch.inference_mode()
+    def decode(self, count: int, tokens: list[int]) -> torch.Tensor:
+        """Feed `tokens` to slots 0..count-1, one step; return their logits [count, V]."""
+        self.tokens[:count] = torch.tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)
+        need = max(self.rows[:count]) + 1
+        if need > self.max_length:
+            raise ValueError(f"a sequence outgrew its KV cache slot of {self.max_length} tokens")
+        shape = (self._bucket(self.batch_buckets, count), self._bucket(self.key_buckets, need))
+        if self.graphs:
+            graph, logits = self.graphs[shape]
+            graph.replay()
+        else:
+            logits = self._step(*shape)
+        self.lengths[:, :count] += 1
+        self.positions[:count] += 1
+        for slot in range(count):
+            self.rows[slot] += 1
+        self.steps += 1
+        return logits[:count]
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        """Capture the decode step for every (batch, key length) bucket. Slots must be empty."""
+        if self.device.type != "cuda":
+            return
+        pool = None
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up kernels and cuBLAS outside capture
+            for _ in range(2):
+                self._step(self.batch_buckets[-1], self.key_buckets[-1])
+        torch.cuda.current_stream().wait_stream(stream)
+        for batch in reversed(self.batch_buckets):
+            for key_length in reversed(self.key_buckets):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._step(batch, key_length)
+                pool = graph.pool()
+                self.graphs[(batch, key_length)] = (graph, logits)
+        self.lengths.zero_()  # the captures wrote row 0 of every slot; nothing is live yet
+        torch.cuda.synchronize()
+        log.info("captured %d decode graphs", len(self.graphs))
