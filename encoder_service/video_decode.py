@@ -1,17 +1,24 @@
 """Container bytes -> T RGB frames sampled uniformly over the whole clip (PyAV / FFmpeg).
 
 Frame indices are `floor(linspace(0, n_frames - 1, T))`, as LLaVA-OneVision's evaluation samples
-them. Only the sampled frames are converted to RGB; the rest are decoded and dropped. Limits on
+them. Only the sampled frames are converted to RGB; the rest are decoded and dropped. Frames
+after different keyframes are decoded in parallel, each run starting at its keyframe. Limits on
 size, duration and frame pixels are checked from the container before any frame is decoded.
 """
 
 from __future__ import annotations
 
+import bisect
 import io
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import av
 import numpy as np
+
+
+_DECODE_THREADS = min(8, os.cpu_count() or 1)
 
 
 class VideoError(ValueError):
@@ -49,38 +56,74 @@ def _open(data: bytes):
     return container
 
 
-def _count_frames(data: bytes) -> int:
-    """Number of video packets (one per frame), read without decoding."""
+@dataclass(frozen=True)
+class _Index:
+    """What one demux pass (no decoding) learns: frame count, presentation times, keyframes."""
+
+    frames: int
+    pts: list[int] | None  # presentation time of each frame in presentation order; None when not usable
+    keyframes: list[int]  # presentation indices where decoding can start
+
+
+def _scan(data: bytes) -> _Index:
+    pts, keys = [], []
     with _open(data) as container:
         stream = container.streams.video[0]
         try:
-            return sum(1 for packet in container.demux(stream) if packet.size > 0)
+            for packet in container.demux(stream):
+                if packet.size > 0:
+                    pts.append(packet.pts)
+                    keys.append(packet.is_keyframe)
         except av.FFmpegError as err:
             raise VideoError(f"the video is corrupt or truncated: {err}") from err
+    if None in pts or len(set(pts)) != len(pts):  # no usable timestamps: decode from the start only
+        return _Index(len(pts), None, [0])
+    order = sorted(range(len(pts)), key=pts.__getitem__)  # decode order -> presentation order
+    rank = {pts[i]: r for r, i in enumerate(order)}
+    keyframes = sorted({rank[pts[i]] for i, key in enumerate(keys) if key} | {0})
+    return _Index(len(pts), [pts[i] for i in order], keyframes)
 
 
-def _decode_selected(data: bytes, indices: list[int]) -> tuple[list[np.ndarray | None], int]:
-    wanted: dict[int, list[int]] = {}
-    for slot, index in enumerate(indices):
-        wanted.setdefault(index, []).append(slot)
-    frames: list[np.ndarray | None] = [None] * len(indices)
-    decoded = 0
+def _decode_segment(data: bytes, index: _Index, start: int, wanted: list[int]) -> dict[int, np.ndarray]:
+    """Decode from the keyframe at presentation index `start` until every index in `wanted` is found."""
+    found: dict[int, np.ndarray] = {}
     with _open(data) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        rank = {t: r for r, t in enumerate(index.pts)} if index.pts is not None else None
+        if start > 0:
+            container.seek(index.pts[start], stream=stream, backward=True, any_frame=False)
+        position = start
         try:
             for frame in container.decode(stream):
-                slots = wanted.get(decoded)
-                if slots:
-                    rgb = frame.to_ndarray(format="rgb24")  # [H, W, 3]
-                    for slot in slots:
-                        frames[slot] = rgb
-                decoded += 1
-                if decoded > indices[-1]:
+                at = rank.get(frame.pts, -1) if rank is not None else position
+                position += 1
+                if at in wanted and at not in found:
+                    found[at] = frame.to_ndarray(format="rgb24")  # [H, W, 3]
+                    if len(found) == len(wanted):
+                        break
+                if at > wanted[-1]:
                     break
         except av.FFmpegError as err:
             raise VideoError(f"the video is corrupt or truncated: {err}") from err
-    return frames, decoded
+    return found
+
+
+def _decode_selected(data: bytes, index: _Index, indices: list[int]) -> dict[int, np.ndarray]:
+    """The frames at `indices`, decoded in parallel from the keyframes that precede them (one
+    thread per keyframe segment; FFmpeg releases the GIL while it decodes)."""
+    segments: dict[int, list[int]] = {}
+    for wanted in sorted(set(indices)):
+        start = index.keyframes[bisect.bisect_right(index.keyframes, wanted) - 1]
+        segments.setdefault(start, []).append(wanted)
+    if len(segments) == 1:
+        ((start, wanted),) = segments.items()
+        return _decode_segment(data, index, start, wanted)
+    found: dict[int, np.ndarray] = {}
+    with ThreadPoolExecutor(max_workers=min(len(segments), _DECODE_THREADS)) as pool:
+        for part in pool.map(lambda item: _decode_segment(data, index, *item), segments.items()):
+            found.update(part)
+    return found
 
 
 def decode_video(data: bytes, num_frames: int, limits: VideoLimits) -> DecodedVideo:
@@ -103,15 +146,15 @@ def decode_video(data: bytes, num_frames: int, limits: VideoLimits) -> DecodedVi
     if duration > limits.max_duration_s:
         raise VideoError(f"the video lasts {duration:.0f} s; the limit is {limits.max_duration_s:.0f} s")
 
-    n_frames = _count_frames(data)
-    for _ in range(2):  # a second pass only if the packet count overstated the frames
-        if n_frames == 0:
-            raise VideoError("the video has no decodable frames")
-        indices = sample_indices(n_frames, num_frames)
-        frames, decoded = _decode_selected(data, indices)
-        if all(frame is not None for frame in frames):
-            if duration <= 0 and fps > 0:
-                duration = n_frames / fps
-            return DecodedVideo(np.stack(frames), indices, n_frames, fps, duration)
-        n_frames = decoded
-    raise VideoError("the video is corrupt or truncated: frames could not be decoded")
+    index = _scan(data)
+    if index.frames == 0:
+        raise VideoError("the video has no decodable frames")
+    indices = sample_indices(index.frames, num_frames)
+    found = _decode_selected(data, index, indices)
+    if len(found) < len(set(indices)):  # a seek landed badly: decode once more from the start
+        found = _decode_segment(data, _Index(index.frames, index.pts, [0]), 0, sorted(set(indices)))
+    if len(found) < len(set(indices)):
+        raise VideoError("the video is corrupt or truncated: frames could not be decoded")
+    if duration <= 0 and fps > 0:
+        duration = index.frames / fps
+    return DecodedVideo(np.stack([found[i] for i in indices]), indices, index.frames, fps, duration)

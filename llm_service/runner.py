@@ -102,6 +102,8 @@ class ModelRunner:
             raise ValueError(f"{self.rows[slot] + length} tokens do not fit a KV cache slot of {self.max_length}")
         positions = torch.arange(position, position + length, device=self.device)  # [L]
         hidden = embeds.to(self.dtype)  # [L, D]
+        starts = self.lengths[:, slot].tolist()  # rows already in the slot, per layer
+        ends = []
         scores = None
         for index, layer in enumerate(self.layers):
             if merge is not None and index == merge.settings.layer:
@@ -112,25 +114,24 @@ class ModelRunner:
             if merge is not None and index == merge.settings.layer - 1:
                 attention = last_token_attention(layer.self_attn, normed[None], (cos[None], sin[None]))  # [L]
                 scores = attention[merge.start : merge.start + merge.count]
-            hidden = hidden + self._prefill_attention(index, layer.self_attn, slot, normed, cos, sin)
+            hidden = hidden + self._prefill_attention(index, layer.self_attn, slot, starts[index], normed, cos, sin)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        rows = self.lengths[:, slot].max().item()
-        self.rows[slot] = rows
+            ends.append(starts[index] + hidden.shape[0])
+        self.lengths[:, slot] = torch.tensor(ends, device=self.device)
+        self.rows[slot] = max(ends)
         self.positions[slot] = position + length
         return self._logits(hidden[-1:])[0]  # [V]
 
-    def _prefill_attention(self, index: int, attn: nn.Module, slot: int, normed: torch.Tensor,
+    def _prefill_attention(self, index: int, attn: nn.Module, slot: int, start: int, normed: torch.Tensor,
                            cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         length = normed.shape[0]
         dh = self.head_dim
         queries = _rotate(attn.q_proj(normed).view(length, self.heads, dh).transpose(0, 1), cos, sin)  # [H, L, dh]
         keys = _rotate(attn.k_proj(normed).view(length, self.kv_heads, dh).transpose(0, 1), cos, sin)  # [H_kv, L, dh]
         values = attn.v_proj(normed).view(length, self.kv_heads, dh).transpose(0, 1)  # [H_kv, L, dh]
-        start = int(self.lengths[index, slot])
         end = start + length
         self.keys[index][slot, :, start:end] = keys
         self.values[index][slot, :, start:end] = values
-        self.lengths[index, slot] = end
         all_keys = self.keys[index][slot, :, :end].repeat_interleave(self.group, dim=0)  # [H, S, dh]
         all_values = self.values[index][slot, :, :end].repeat_interleave(self.group, dim=0)
         if start == 0:
@@ -148,8 +149,7 @@ class ModelRunner:
     def read(self, slot: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
         """Copies of the slot's keys and values per layer ([H_kv, L_i, dh] each) and its next position."""
         layers = []
-        for index in range(len(self.layers)):
-            rows = int(self.lengths[index, slot])
+        for index, rows in enumerate(self.lengths[:, slot].tolist()):
             layers.append((self.keys[index][slot, :, :rows].clone(), self.values[index][slot, :, :rows].clone()))
         return layers, int(self.positions[slot])
 
@@ -165,8 +165,7 @@ class ModelRunner:
 
     def move(self, source: int, target: int) -> None:
         """Copy the sequence in `source` to the free slot `target`, then free `source`."""
-        for index in range(len(self.layers)):
-            rows = int(self.lengths[index, source])
+        for index, rows in enumerate(self.lengths[:, source].tolist()):
             self.keys[index][target, :, :rows] = self.keys[index][source, :, :rows]
             self.values[index][target, :, :rows] = self.values[index][source, :, :rows]
         self.lengths[:, target] = self.lengths[:, source]
