@@ -37,6 +37,47 @@ def _buckets(limit: int, start: int) -> list[int]:
     return sizes + [limit]
 
 
+@dataclass
+class FusedLayer:
+    """One decoder layer's projections as two matmuls; the modules' own weights become views of these."""
+
+    qkv_weight: torch.Tensor  # [(H + 2 H_kv) dh, D]
+    qkv_bias: torch.Tensor | None  # [(H + 2 H_kv) dh]
+    gate_up_weight: torch.Tensor  # [2 I, D]
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> FusedLayer:
+        attn, mlp = layer.self_attn, layer.mlp
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        qkv_weight = torch.cat([p.weight.detach() for p in projections])
+        qkv_bias = None
+        if any(p.bias is not None for p in projections):
+            qkv_bias = torch.cat([p.bias.detach() if p.bias is not None else p.weight.new_zeros(p.out_features)
+                                  for p in projections])
+        gate_up_weight = torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()])
+        start = 0
+        for p in projections:
+            end = start + p.out_features
+            p.weight.data = qkv_weight[start:end]
+            if p.bias is not None:
+                p.bias.data = qkv_bias[start:end]
+            start = end
+        inner = mlp.gate_proj.out_features
+        mlp.gate_proj.weight.data, mlp.up_proj.weight.data = gate_up_weight[:inner], gate_up_weight[inner:]
+        return cls(qkv_weight, qkv_bias, gate_up_weight)
+
+
+def _rms_norm(hidden: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """transformers' Qwen2RMSNorm in one fused op: float32 statistics, the weight applied in the input dtype."""
+    normed = F.rms_norm(hidden.float(), hidden.shape[-1:], eps=norm.variance_epsilon)
+    return norm.weight * normed.to(hidden.dtype)
+
+
+def _mlp(hidden: torch.Tensor, mlp: nn.Module, fused: FusedLayer) -> torch.Tensor:
+    gate, up = F.linear(hidden, fused.gate_up_weight).chunk(2, dim=-1)
+    return mlp.down_proj(mlp.act_fn(gate) * up)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -68,6 +109,7 @@ class ModelRunner:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.group = self.heads // self.kv_heads
         self.slots, self.max_length = slots, max_length
+        self.fused = [FusedLayer.of(layer) for layer in self.layers]
         depth = len(self.layers)
         shape = (slots, self.kv_heads, max_length, self.head_dim)
         with torch.device(self.device):
@@ -110,25 +152,31 @@ class ModelRunner:
                 hidden, kept = merge_visual_tokens(hidden, scores, merge.start, merge.keep)  # [L', D], [L']
                 positions = positions[kept]
             cos, sin = self.cos[positions], self.sin[positions]  # [L, dh]
-            normed = layer.input_layernorm(hidden)
+            normed = _rms_norm(hidden, layer.input_layernorm)
             if merge is not None and index == merge.settings.layer - 1:
                 attention = last_token_attention(layer.self_attn, normed[None], (cos[None], sin[None]))  # [L]
                 scores = attention[merge.start : merge.start + merge.count]
-            hidden = hidden + self._prefill_attention(index, layer.self_attn, slot, starts[index], normed, cos, sin)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + self._prefill_attention(index, slot, starts[index], normed, cos, sin)
+            hidden = hidden + _mlp(_rms_norm(hidden, layer.post_attention_layernorm), layer.mlp, self.fused[index])
             ends.append(starts[index] + hidden.shape[0])
         self.lengths[:, slot] = torch.tensor(ends, device=self.device)
         self.rows[slot] = max(ends)
         self.positions[slot] = position + length
         return self._logits(hidden[-1:])[0]  # [V]
 
-    def _prefill_attention(self, index: int, attn: nn.Module, slot: int, start: int, normed: torch.Tensor,
+    def _qkv(self, index: int, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """normed [..., D] -> rotated queries [..., H, dh], rotated keys and values [..., H_kv, dh]."""
+        fused = self.fused[index]
+        qkv = F.linear(normed, fused.qkv_weight, fused.qkv_bias).unflatten(-1, (-1, self.head_dim))  # [..., H+2H_kv, dh]
+        rotated = _rotate(qkv[..., : self.heads + self.kv_heads, :], cos, sin)
+        return rotated[..., : self.heads, :], rotated[..., self.heads :, :], qkv[..., self.heads + self.kv_heads :, :]
+
+    def _prefill_attention(self, index: int, slot: int, start: int, normed: torch.Tensor,
                            cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         length = normed.shape[0]
         dh = self.head_dim
-        queries = _rotate(attn.q_proj(normed).view(length, self.heads, dh).transpose(0, 1), cos, sin)  # [H, L, dh]
-        keys = _rotate(attn.k_proj(normed).view(length, self.kv_heads, dh).transpose(0, 1), cos, sin)  # [H_kv, L, dh]
-        values = attn.v_proj(normed).view(length, self.kv_heads, dh).transpose(0, 1)  # [H_kv, L, dh]
+        queries, keys, values = self._qkv(index, normed, cos[:, None], sin[:, None])  # [L, H(_kv), dh]
+        queries, keys, values = queries.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)  # [H(_kv), L, dh]
         end = start + length
         self.keys[index][slot, :, start:end] = keys
         self.values[index][slot, :, start:end] = values
@@ -139,10 +187,10 @@ class ModelRunner:
         else:  # a cached prefix precedes: row j sees keys up to start + j
             visible = self.key_index[:end][None, :] <= (start + torch.arange(length, device=self.device))[:, None]
             out = F.scaled_dot_product_attention(queries[None], all_keys[None], all_values[None], attn_mask=visible)
-        return attn.o_proj(out[0].transpose(0, 1).reshape(length, self.heads * dh))  # [L, D]
+        return self.layers[index].self_attn.o_proj(out[0].transpose(0, 1).reshape(length, self.heads * dh))  # [L, D]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.norm(hidden)).float()  # [B, V]
+        return self.model.lm_head(_rms_norm(hidden, self.model.model.norm)).float()  # [B, V]
 
     # --- the cache of one slot ----------------------------------------------------------------
 
@@ -187,17 +235,15 @@ class ModelRunner:
         dh = self.head_dim
         hidden = self.model.model.embed_tokens(self.tokens[:batch])  # [B, D]
         positions = self.positions[:batch]
-        cos = self.cos[positions][:, None, None, :]  # [B, 1, 1, dh]
-        sin = self.sin[positions][:, None, None, :]
+        cos = self.cos[positions][:, None, :]  # [B, 1, dh]
+        sin = self.sin[positions][:, None, :]
         rows = self.slot_index[:batch]
         key_index = self.key_index[:key_length]
         for index, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            normed = layer.input_layernorm(hidden)
+            normed = _rms_norm(hidden, layer.input_layernorm)
+            queries, keys, values = self._qkv(index, normed, cos, sin)  # [B, H, dh], [B, H_kv, dh] x 2
             # The query heads sharing a key head act as that head's queries: no copies of keys.
-            queries = _rotate(attn.q_proj(normed).view(batch, self.kv_heads, self.group, dh), cos, sin)  # [B, H_kv, G, dh]
-            keys = _rotate(attn.k_proj(normed).view(batch, self.kv_heads, 1, dh), cos, sin)[:, :, 0]  # [B, H_kv, dh]
-            values = attn.v_proj(normed).view(batch, self.kv_heads, dh)
+            queries = queries.view(batch, self.kv_heads, self.group, dh)  # [B, H_kv, G, dh]
             at = self.lengths[index, :batch]  # [B] the row each slot writes
             self.keys[index][rows, :, at] = keys
             self.values[index][rows, :, at] = values
@@ -206,8 +252,8 @@ class ModelRunner:
                 queries, self.keys[index][:batch, :, :key_length], self.values[index][:batch, :, :key_length],
                 attn_mask=visible,
             )  # [B, H_kv, G, dh]
-            hidden = hidden + attn.o_proj(out.reshape(batch, self.heads * dh))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + layer.self_attn.o_proj(out.reshape(batch, self.heads * dh))
+            hidden = hidden + _mlp(_rms_norm(hidden, layer.post_attention_layernorm), layer.mlp, self.fused[index])
         return self._logits(hidden)  # [B, V]
 
     def _bucket(self, sizes: list[int], need: int) -> int:

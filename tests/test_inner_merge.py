@@ -43,8 +43,8 @@ def run(engine, visual, inner, max_tokens=6):
 def rows_entering(engine, layer: int, inner, visual) -> list[int]:
     """Rows of the hidden state that reach the MLP of `layer`: the prompt's, then one per decode step."""
     rows = []
-    mlp = engine.lm.model.model.layers[layer].mlp
-    handle = mlp.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    down = engine.lm.model.model.layers[layer].mlp.down_proj
+    handle = down.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     try:
         run(engine, visual, inner)
     finally:
