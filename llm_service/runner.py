@@ -27,6 +27,7 @@ from llm_service.inner_merge import InnerMergeSettings, last_token_attention, me
 log = logging.getLogger(__name__)
 
 MIN_KEY_BUCKET = 256  # decode attention reads keys in power-of-two buckets from here up to the cache length
+PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048)  # prompt chunks run as graphs (padded up)
 
 
 def _buckets(limit: int, start: int) -> list[int]:
@@ -120,13 +121,20 @@ class ModelRunner:
             self.tokens = torch.zeros(slots, dtype=torch.long)  # the next input token of each slot
             self.slot_index = torch.arange(slots)
             self.key_index = torch.arange(max_length)
+            # Static inputs of a prompt chunk: its slot, embeddings, rotary positions, index of its last token.
+            self.chunk_slot = torch.zeros(1, dtype=torch.long)
+            self.chunk_embeds = torch.zeros(PROMPT_BUCKETS[-1], model.config.hidden_size, dtype=self.dtype)
+            self.chunk_positions = torch.zeros(PROMPT_BUCKETS[-1], dtype=torch.long)
+            self.chunk_last = torch.zeros(1, dtype=torch.long)
             probe = torch.zeros(1, dtype=self.dtype)
             cos, sin = model.model.rotary_emb(probe, torch.arange(max_length)[None])  # [1, L, dh]
         self.cos, self.sin = cos[0], sin[0]  # [L, dh], exactly as transformers computes them per position
         self.rows = [0] * slots  # host copy: most rows any layer of the slot holds
         self.batch_buckets = _buckets(slots, 1) if slots > 1 else [1]
         self.key_buckets = _buckets(max_length, min(MIN_KEY_BUCKET, max_length))
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.prompt_buckets = [size for size in PROMPT_BUCKETS if size <= max_length]
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # decode steps
+        self.chunk_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # prompt chunks
         self.steps = 0  # decode steps run (tests and metrics read it)
         log.info("KV cache: %d slots x %d tokens, %.2f GiB", slots, max_length, self.cache_bytes / 2**30)
 
@@ -138,10 +146,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, slot: int, embeds: torch.Tensor, position: int, merge: StageThree | None = None) -> torch.Tensor:
-        """Append embeds [L, D] to `slot` starting at rotary `position`; return the last token's logits [V]."""
+        """Append embeds [L, D] to `slot` starting at rotary `position`; return the last token's logits [V].
+
+        Prompts up to the largest chunk run as one chunk pass (a replayed graph on CUDA); longer ones
+        and Stage III run layer by layer with causal flash attention."""
         length = embeds.shape[0]
         if self.rows[slot] + length > self.max_length:
             raise ValueError(f"{self.rows[slot] + length} tokens do not fit a KV cache slot of {self.max_length}")
+        if merge is None and length <= self.prompt_buckets[-1]:
+            return self._prefill_chunk(slot, embeds, position)
         positions = torch.arange(position, position + length, device=self.device)  # [L]
         hidden = embeds.to(self.dtype)  # [L, D]
         starts = self.lengths[:, slot].tolist()  # rows already in the slot, per layer
@@ -163,6 +176,54 @@ class ModelRunner:
         self.rows[slot] = max(ends)
         self.positions[slot] = position + length
         return self._logits(hidden[-1:])[0]  # [V]
+
+    def _prefill_chunk(self, slot: int, embeds: torch.Tensor, position: int) -> torch.Tensor:
+        length, start = embeds.shape[0], self.rows[slot]
+        shape = (length, start + length)  # exact shapes when no graph is used
+        if self.chunk_graphs:
+            chunk = self._bucket(self.prompt_buckets, length)
+            keys = next((k for k in self.key_buckets if k >= start + chunk), None)
+            if keys is not None and (chunk, keys) in self.chunk_graphs:
+                shape = (chunk, keys)
+        self.chunk_slot.fill_(slot)
+        self.chunk_embeds[:length] = embeds
+        self.chunk_positions[: shape[0]] = torch.arange(position, position + shape[0], device=self.device)
+        self.chunk_last.fill_(length - 1)
+        if shape in self.chunk_graphs:
+            graph, logits = self.chunk_graphs[shape]
+            graph.replay()
+        else:
+            logits = self._chunk(*shape)
+        self.lengths[:, slot] += length
+        self.rows[slot] = start + length
+        self.positions[slot] = position + length
+        return logits[0]  # [V]
+
+    def _chunk(self, count: int, key_length: int) -> torch.Tensor:
+        """`count` prompt tokens from the static chunk inputs appended to slot `chunk_slot` (which holds
+        fewer than key_length - count rows) -> logits of the row `chunk_last` [1, V]."""
+        dh, group = self.head_dim, self.group
+        slot = self.chunk_slot  # [1]
+        hidden = self.chunk_embeds[:count]  # [Q, D]
+        positions = self.chunk_positions[:count]
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [Q, 1, dh]
+        key_index = self.key_index[:key_length]
+        for index, layer in enumerate(self.layers):
+            rows = self.lengths[index].index_select(0, slot) + self.key_index[:count]  # [Q] rows this chunk writes
+            normed = _rms_norm(hidden, layer.input_layernorm)
+            queries, keys, values = self._qkv(index, normed, cos, sin)  # [Q, H, dh], [Q, H_kv, dh] x 2
+            self.keys[index][slot, :, rows] = keys
+            self.values[index][slot, :, rows] = values
+            slot_keys = self.keys[index][:, :, :key_length].index_select(0, slot)  # [1, H_kv, K, dh]
+            slot_values = self.values[index][:, :, :key_length].index_select(0, slot)
+            # The G query heads of a key head are stacked along the query axis: [1, H_kv, G*Q, dh].
+            stacked = queries.view(count, self.kv_heads, group, dh).permute(1, 2, 0, 3).reshape(1, self.kv_heads, -1, dh)
+            visible = (key_index[None, :] <= rows[:, None]).repeat(group, 1)  # [G*Q, K]
+            out = F.scaled_dot_product_attention(stacked, slot_keys, slot_values, attn_mask=visible)  # [1, H_kv, G*Q, dh]
+            out = out.view(self.kv_heads, group, count, dh).permute(2, 0, 1, 3).reshape(count, self.heads * dh)
+            hidden = hidden + layer.self_attn.o_proj(out)
+            hidden = hidden + _mlp(_rms_norm(hidden, layer.post_attention_layernorm), layer.mlp, self.fused[index])
+        return self._logits(hidden.index_select(0, self.chunk_last))  # [1, V]
 
     def _qkv(self, index: int, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """normed [..., D] -> rotated queries [..., H, dh], rotated keys and values [..., H_kv, dh]."""
@@ -290,6 +351,7 @@ class ModelRunner:
         with torch.cuda.stream(stream):  # warm up kernels and cuBLAS outside capture
             for _ in range(2):
                 self._step(self.batch_buckets[-1], self.key_buckets[-1])
+                self._chunk(self.prompt_buckets[-1], self.key_buckets[-1])
         torch.cuda.current_stream().wait_stream(stream)
         for batch in reversed(self.batch_buckets):
             for key_length in reversed(self.key_buckets):
@@ -298,6 +360,15 @@ class ModelRunner:
                     logits = self._step(batch, key_length)
                 pool = graph.pool()
                 self.graphs[(batch, key_length)] = (graph, logits)
-        self.lengths.zero_()  # the captures wrote row 0 of every slot; nothing is live yet
+        self.chunk_slot.fill_(0)
+        for chunk in reversed(self.prompt_buckets):
+            for key_length in reversed(self.key_buckets):
+                if key_length < chunk:
+                    continue
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._chunk(chunk, key_length)
+                self.chunk_graphs[(chunk, key_length)] = (graph, logits)
+        self.lengths.zero_()  # the captures wrote rows of slot 0 and row 0 of every slot; nothing is live yet
         torch.cuda.synchronize()
-        log.info("captured %d decode graphs", len(self.graphs))
+        log.info("captured %d decode and %d prompt graphs", len(self.graphs), len(self.chunk_graphs))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -26,6 +27,13 @@ def request_for(engine, index: int, max_tokens: int) -> GenerationRequest:
     inner = (1, 0.5) if index % 5 == 1 else None
     return GenerationRequest([Message("user", (VIDEO, f"What happens in part {index}?"))], sampling,
                              visual=visual_tokens(engine, 40 + 37 * index, seed=index), inner=inner)
+
+
+def wait_until_idle(engine, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while engine.batcher.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.batcher.active == 0, "finished requests still hold decode slots"
 
 
 def run(engine, request: GenerationRequest) -> tuple[str, Final]:
@@ -65,7 +73,7 @@ def test_concurrent_requests_are_decoded_together_and_answer_as_alone(endless):
     assert [final.completion_tokens for _, final in together] == lengths
     # Alone, each answer of n tokens takes n - 1 decode steps; together they share steps.
     assert engine.runner.steps - steps < sum(n - 1 for n in lengths) // 2
-    assert engine.batcher.active == 0
+    wait_until_idle(engine)  # every slot is given back
 
 
 def test_more_requests_than_slots_wait_for_a_slot(tiny_model_dir):
@@ -86,16 +94,18 @@ def test_more_requests_than_slots_wait_for_a_slot(tiny_model_dir):
     assert max(final.queue_ms for _, final in results) > 0.0
 
 
-def test_the_runner_decodes_as_transformers_does_across_key_buckets(llm_service):
+@pytest.mark.parametrize("prompt", [247, 2100])  # one prompt chunk / layer by layer with causal attention
+def test_the_runner_decodes_as_transformers_does_across_key_buckets(llm_service, prompt):
     """Greedy tokens from the runner equal transformers' generate while the keys cross a bucket edge."""
     engine = llm_service.engine
     lm, runner = engine.lm, engine.runner
-    embeds = lm.model.get_input_embeddings()(torch.arange(3, 250)[None] % 900)  # [1, 247, D]
+    assert (prompt <= runner.prompt_buckets[-1]) == (prompt == 247)
+    embeds = lm.model.get_input_embeddings()(torch.arange(3, 3 + prompt)[None] % 200)  # [1, L, D]
     new_tokens = 30  # 247 -> 277 keys: crosses the 256 bucket
     with torch.inference_mode():
         expected = lm.model.generate(inputs_embeds=embeds, max_new_tokens=new_tokens, do_sample=False,
                                      min_new_tokens=new_tokens, pad_token_id=0)[0].tolist()
-    assert engine.batcher.active == 0  # the batcher is idle: this test borrows slot 0
+    wait_until_idle(engine)  # the batcher is idle: this test borrows slot 0
     with torch.inference_mode():
         logits = runner.prefill(0, embeds[0], 0)
         tokens = [int(logits.argmax())]
