@@ -180,6 +180,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             "encode": round(header.timings.total_ms, 3) if encoded else 0.0,
             "prefill": round(final.timings.prefill_ms, 3) if final else None,
             "ttft": round(ttft * 1e3, 3),
+            "llm_ttft": round(final.timings.ttft_ms, 3) if final else None,  # LLM call start -> first token
             "total": round((now - received_at) * 1e3, 3),
             "llm_queue": round(final.timings.queue_ms, 3) if final else None,
             # from the LLM call's start until the whole visual tensor arrived there and was checked

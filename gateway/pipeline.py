@@ -136,9 +136,11 @@ class VisualSource:
 
 
 async def _generate_requests(setup: llm_pb2.GenerateSetup, chunks: AsyncIterator[bytes] | None,
-                             need_visual: asyncio.Future):
+                             need_visual: asyncio.Future | None):
+    """The setup, then the visual tokens: at once, or once the LLM has said it lacks the video's
+    prefix (`need_visual` is given when it may hold it; the answer costs one round trip)."""
     yield llm_pb2.GenerateRequest(setup=setup)
-    if chunks is not None and await need_visual:  # the LLM may still hold this video's prefix
+    if chunks is not None and (need_visual is None or await need_visual):
         async for data in chunks:
             yield llm_pb2.GenerateRequest(visual_chunk=tensor_pb2.TensorChunk(data=data))
 
@@ -282,13 +284,15 @@ class Pipeline:
         while (replica := self.llms.pick(exclude=tried, prefer=holder)) is not None:
             tried.add(replica.address)
             self.llms.acquire(replica)
-            need_visual = asyncio.get_running_loop().create_future()
+            # Only the replica that answered about this video last can hold its prefix.
+            need_visual = asyncio.get_running_loop().create_future() if replica.address == holder else None
             call = replica.stub.Generate(_generate_requests(setup, chunks, need_visual),
                                          timeout=request.remaining_s())
             try:
                 first = await call.read()
                 if first is not grpc.aio.EOF and first.WhichOneof("item") == "accepted":
-                    need_visual.set_result(first.accepted.need_visual)
+                    if need_visual is not None:
+                        need_visual.set_result(first.accepted.need_visual)
                     first = await call.read()
                 if first is grpc.aio.EOF:
                     raise APIError(502, "the LLM closed the stream without an answer", "api_error",
