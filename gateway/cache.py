@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"VLLMTOK1"
 _LEN = struct.Struct("<I")
+PEEK_BYTES = 64 * 1024  # enough for any header: the metadata grows with frames, not with tokens
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,9 @@ class EncodedVideo:
         header = self.header.SerializeToString()
         return b"".join([MAGIC, _LEN.pack(len(header)), header, self.payload])
 
-    @classmethod
-    def from_bytes(cls, blob: bytes) -> EncodedVideo:
-        """Parse and verify a stored entry; raises ValueError when it is damaged."""
+    @staticmethod
+    def parse_header(blob: bytes) -> tuple[encoder_pb2.EncodeHeader, int]:
+        """The header of an entry (or of its first bytes) and where the payload starts; ValueError if damaged."""
         if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + _LEN.size:
             raise ValueError("not a videollm token entry")
         (header_len,) = _LEN.unpack_from(blob, len(MAGIC))
@@ -58,7 +59,13 @@ class EncodedVideo:
             raise ValueError(f"entry header unreadable: {err}") from err
         if not header.HasField("tensor") or not header.tensor.dtype:
             raise ValueError("entry header describes no tensor")
-        payload = memoryview(blob)[start + header_len :]
+        return header, start + header_len
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> EncodedVideo:
+        """Parse and verify a stored entry; raises ValueError when it is damaged."""
+        header, start = cls.parse_header(blob)
+        payload = memoryview(blob)[start:]
         if len(payload) != header.tensor.num_bytes:
             raise ValueError(f"entry truncated: {len(payload)} of {header.tensor.num_bytes} bytes")
         if zlib.crc32(payload) != header.tensor.crc32:
@@ -102,6 +109,18 @@ class RedisStore:
             return None
         try:
             value = await self.client.get(key)
+        except (RedisError, OSError) as err:
+            self._failed(err)
+            return None
+        self._ok()
+        return value
+
+    async def get_prefix(self, key: str, length: int) -> bytes | None:
+        """The first `length` bytes of the value (b"" when the key is missing)."""
+        if self.client is None:
+            return None
+        try:
+            value = await self.client.getrange(key, 0, length - 1)
         except (RedisError, OSError) as err:
             self._failed(err)
             return None
@@ -159,6 +178,17 @@ class TokenCache:
             log.warning("dropping a damaged cache entry %s: %s", key, err)
             await self.store.delete(key)
             return None
+
+    async def peek(self, key: str) -> encoder_pb2.EncodeHeader | None:
+        """The entry's header without its payload (for a request whose LLM likely holds the tokens
+        already); None when there is no usable header. The payload is checked when it is read."""
+        blob = await self.store.get_prefix(key, PEEK_BYTES)
+        if not blob:
+            return None
+        try:
+            return EncodedVideo.parse_header(blob)[0]
+        except ValueError:
+            return None  # damaged, or a header longer than the peek: the full read decides
 
     async def put(self, key: str, video: EncodedVideo) -> bool:
         if len(video.payload) > self.max_entry_bytes:

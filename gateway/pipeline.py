@@ -13,7 +13,7 @@ import logging
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -120,9 +120,14 @@ class VisualSource:
 
     key: str
     header: encoder_pb2.EncodeHeader
-    chunks: AsyncIterator[bytes]  # for the first LLM attempt
+    chunks: AsyncIterator[bytes] | None  # for the first LLM attempt (None: replay() reads them lazily)
     encoded: asyncio.Future  # -> EncodedVideo; retries replay from it
     relay: EncodeRelay | None = None  # set on a cache miss that this request encodes
+    fetch: Callable[[], Awaitable[EncodedVideo]] | None = None  # reads the tokens when first needed
+
+    def __post_init__(self):
+        if self.chunks is None:
+            self.chunks = self.replay()
 
     @classmethod
     def in_memory(cls, key: str, encoded: EncodedVideo) -> VisualSource:
@@ -130,7 +135,20 @@ class VisualSource:
         done.set_result(encoded)
         return cls(key, encoded.header, _memory_chunks(encoded.payload), done)
 
+    @classmethod
+    def deferred(cls, key: str, header: encoder_pb2.EncodeHeader,
+                 fetch: Callable[[], Awaitable[EncodedVideo]]) -> VisualSource:
+        """Tokens that are read only if an LLM asks for them."""
+        return cls(key, header, None, asyncio.get_running_loop().create_future(), fetch=fetch)
+
     async def replay(self) -> AsyncIterator[bytes]:
+        if self.fetch is not None and not self.encoded.done():
+            fetch, self.fetch = self.fetch, None
+            try:
+                self.encoded.set_result(await fetch())
+            except BaseException as err:
+                self.encoded.set_exception(err)
+                raise
         async for data in _memory_chunks((await self.encoded).payload):
             yield data
 
@@ -227,6 +245,11 @@ class Pipeline:
         frames, compression = await self.resolve(request)
         info = await self.encoder_info()
         key = cache_key(info.model_id, request.video.sha256, frames, compression.cache_fields())
+        if key in self.prefix_holders:  # an LLM likely holds this video's prefix: read the tokens only if asked
+            header = await self.cache.peek(key)
+            if header is not None:
+                outcome.cache = "hit"
+                return VisualSource.deferred(key, header, lambda: self._read_cached(key))
         cached = await self.cache.get(key)
         if cached is not None:
             outcome.cache = "hit"
@@ -247,6 +270,13 @@ class Pipeline:
             )
         )
         return VisualSource(key, header, relay.chunks(), relay.done, relay)
+
+    async def _read_cached(self, key: str) -> EncodedVideo:
+        cached = await self.cache.get(key)
+        if cached is None:
+            raise APIError(503, "the cached visual tokens of this video vanished while the request was routed; retry",
+                           "service_unavailable", code="cache_entry_lost", headers={"Retry-After": "0"})
+        return cached
 
     def _cache_when_verified(self, key: str, relay: EncodeRelay) -> None:
         async def store():

@@ -69,9 +69,8 @@ class FusedLayer:
 
 
 def _rms_norm(hidden: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """transformers' Qwen2RMSNorm in one fused op: float32 statistics, the weight applied in the input dtype."""
-    normed = F.rms_norm(hidden.float(), hidden.shape[-1:], eps=norm.variance_epsilon)
-    return norm.weight * normed.to(hidden.dtype)
+    """transformers' Qwen2RMSNorm as one fused op (statistics in float32)."""
+    return F.rms_norm(hidden, hidden.shape[-1:], norm.weight, norm.variance_epsilon)
 
 
 def _mlp(hidden: torch.Tensor, mlp: nn.Module, fused: FusedLayer) -> torch.Tensor:
@@ -299,19 +298,18 @@ class ModelRunner:
         cos = self.cos[positions][:, None, :]  # [B, 1, dh]
         sin = self.sin[positions][:, None, :]
         rows = self.slot_index[:batch]
-        key_index = self.key_index[:key_length]
+        lengths = self.lengths[:, :batch]  # [layers, B] the row each slot writes, per layer
+        visible = (self.key_index[:key_length] <= lengths[..., None])[:, :, None, None, :]  # [layers, B, 1, 1, K]
         for index, layer in enumerate(self.layers):
             normed = _rms_norm(hidden, layer.input_layernorm)
             queries, keys, values = self._qkv(index, normed, cos, sin)  # [B, H, dh], [B, H_kv, dh] x 2
             # The query heads sharing a key head act as that head's queries: no copies of keys.
             queries = queries.view(batch, self.kv_heads, self.group, dh)  # [B, H_kv, G, dh]
-            at = self.lengths[index, :batch]  # [B] the row each slot writes
-            self.keys[index][rows, :, at] = keys
-            self.values[index][rows, :, at] = values
-            visible = (key_index[None, :] <= at[:, None])[:, None, None, :]  # [B, 1, 1, K]
+            self.keys[index][rows, :, lengths[index]] = keys
+            self.values[index][rows, :, lengths[index]] = values
             out = F.scaled_dot_product_attention(
                 queries, self.keys[index][:batch, :, :key_length], self.values[index][:batch, :, :key_length],
-                attn_mask=visible,
+                attn_mask=visible[index],
             )  # [B, H_kv, G, dh]
             hidden = hidden + layer.self_attn.o_proj(out.reshape(batch, self.heads * dh))
             hidden = hidden + _mlp(_rms_norm(hidden, layer.post_attention_layernorm), layer.mlp, self.fused[index])

@@ -104,3 +104,38 @@ def test_repeat_questions_are_routed_to_the_replica_that_holds_the_prefix(
             assert engines[holder].prefixes.hits - hits[holder] == 3
     finally:
         server.stop(None)
+
+
+def _redis_calls(redis_server, command: str) -> int:
+    stats = redis_server.client().info("commandstats")
+    return stats.get(f"cmdstat_{command}", {}).get("calls", 0)
+
+
+def test_a_repeat_question_to_the_holder_reads_only_the_entry_header_from_redis(
+    encoder_service, llm_service, redis_server, clean_redis
+):
+    video = data_url(make_video("mp4", seed=93))
+    settings = gateway_settings([encoder_service.address], [llm_service.address], redis_server.url)
+    with GatewayServer(settings) as gateway:
+        def ask(question: str) -> httpx.Response:
+            body = video_chat(video, question, max_tokens=6, videollm={"num_frames": 4})
+            response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=120)
+            assert response.status_code == 200, response.text
+            return response
+
+        ask("First question?")
+        gets, peeks = _redis_calls(redis_server, "get"), _redis_calls(redis_server, "getrange")
+        repeat = ask("Second question?")
+        assert repeat.headers["x-videollm-cache"] == "hit"
+        assert _redis_calls(redis_server, "getrange") == peeks + 1
+        assert _redis_calls(redis_server, "get") == gets  # the tokens stayed in Redis: the LLM held the prefix
+
+        # The LLM lost the prefix (restart, eviction): it asks for the tokens, which are read then.
+        llm_service.engine.prefixes._entries.clear()
+        third = ask("Third question?")
+        assert third.headers["x-videollm-cache"] == "hit"
+        assert _redis_calls(redis_server, "get") == gets + 1
+    with GatewayServer(settings) as fresh:  # no holder known: the same answer from the full entry
+        body = video_chat(video, "Third question?", max_tokens=6, videollm={"num_frames": 4})
+        again = httpx.post(f"{fresh.url}/v1/chat/completions", json=body, timeout=120)
+    assert again.json()["choices"][0]["message"]["content"] == third.json()["choices"][0]["message"]["content"]
