@@ -249,7 +249,9 @@ class Pipeline:
             header = await self.cache.peek(key)
             if header is not None:
                 outcome.cache = "hit"
-                return VisualSource.deferred(key, header, lambda: self._read_cached(key))
+                return VisualSource.deferred(
+                    key, header,
+                    lambda: self._read_or_encode(key, header, request, frames, compression, timeout_s, outcome))
         cached = await self.cache.get(key)
         if cached is not None:
             outcome.cache = "hit"
@@ -271,12 +273,21 @@ class Pipeline:
         )
         return VisualSource(key, header, relay.chunks(), relay.done, relay)
 
-    async def _read_cached(self, key: str) -> EncodedVideo:
+    async def _read_or_encode(self, key: str, header: encoder_pb2.EncodeHeader, request: VideoRequest, frames: int,
+                              compression: CompressionSettings, timeout_s: float, outcome: Outcome) -> EncodedVideo:
+        """The tokens of a deferred hit: from Redis, or encoded again if the entry is gone or damaged."""
         cached = await self.cache.get(key)
-        if cached is None:
-            raise APIError(503, "the cached visual tokens of this video vanished while the request was routed; retry",
-                           "service_unavailable", code="cache_entry_lost", headers={"Retry-After": "0"})
-        return cached
+        if cached is not None:
+            return cached
+        outcome.cache = "miss"
+        call, fresh = await self._open_encode(request, frames, compression, timeout_s)
+        if list(fresh.tensor.shape) != list(header.tensor.shape) or fresh.tensor.dtype != header.tensor.dtype:
+            call.cancel()
+            raise APIError(503, "the video's cached tokens changed while the request was routed; retry",
+                           "service_unavailable", code="cache_entry_changed", headers={"Retry-After": "0"})
+        relay = EncodeRelay(call, fresh)
+        self._cache_when_verified(key, relay)
+        return await relay.done
 
     def _cache_when_verified(self, key: str, relay: EncodeRelay) -> None:
         async def store():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -92,7 +93,9 @@ def test_entries_over_the_size_cap_are_not_cached(encoder_service, llm_service, 
     assert clean_redis.keys(TOKEN_KEYS) == []
 
 
-def test_a_corrupted_entry_is_a_miss_and_is_replaced(gateway, encoder_service, clean_redis):
+@pytest.mark.parametrize("prefix_held", [False, True])
+def test_a_corrupted_entry_is_a_miss_and_is_replaced(gateway, encoder_service, llm_service, clean_redis, prefix_held):
+    """Whether the entry is read at once or only when the LLM turns out not to hold the prefix."""
     body = video_chat(data_url(make_video("mp4", seed=27)), videollm={"num_frames": 4})
     first = ask(gateway.url, body)
     (key,) = clean_redis.keys(TOKEN_KEYS)
@@ -101,12 +104,23 @@ def test_a_corrupted_entry_is_a_miss_and_is_replaced(gateway, encoder_service, c
     damaged[-10] ^= 0xFF  # one flipped byte in the token payload
     for bad in (bytes(damaged), good[: len(good) // 2], b"garbage"):
         clean_redis.set(key, bad)
+        llm_service.engine.prefixes._entries.clear()  # the LLM must read the tokens again
+        if prefix_held:
+            ask(gateway.url, body)  # the gateway now knows the holder; the LLM holds the prefix again
+            clean_redis.set(key, bad)
+            llm_service.engine.prefixes._entries.clear()
         before = encoder_calls(encoder_service)
-        again = ask(gateway.url, body)
+        if prefix_held:
+            again = ask(gateway.url, body)
+        else:  # a gateway that does not know the holder reads the whole entry at once
+            with GatewayServer(gateway.settings.model_copy(update={"port": free_port()})) as fresh:
+                again = ask(fresh.url, body)
         assert again.headers["x-videollm-cache"] == "miss"
         assert encoder_calls(encoder_service) == before + 1
         assert again.json()["choices"][0]["message"] == first.json()["choices"][0]["message"]
-        stored = clean_redis.get(key)  # replaced by a verified entry (the header's timings differ)
+        deadline = time.monotonic() + 10
+        while (stored := clean_redis.get(key)) == bad and time.monotonic() < deadline:
+            time.sleep(0.05)  # the verified entry is written after the answer
         assert EncodedVideo.from_bytes(stored).payload == EncodedVideo.from_bytes(good).payload
 
 
