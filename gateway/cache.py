@@ -115,17 +115,19 @@ class RedisStore:
         self._ok()
         return value
 
-    async def get_prefix(self, key: str, length: int) -> bytes | None:
-        """The first `length` bytes of the value (b"" when the key is missing)."""
+    async def get_prefix(self, key: str, length: int) -> tuple[bytes, int] | None:
+        """The first `length` bytes of the value and its whole length, in one round trip (b"", 0 when
+        the key is missing)."""
         if self.client is None:
             return None
         try:
-            value = await self.client.getrange(key, 0, length - 1)
+            async with self.client.pipeline(transaction=True) as pipe:
+                value, total = await pipe.getrange(key, 0, length - 1).strlen(key).execute()
         except (RedisError, OSError) as err:
             self._failed(err)
             return None
         self._ok()
-        return value
+        return value, total
 
     async def set(self, key: str, value: bytes, ttl_s: int) -> bool:
         if self.client is None:
@@ -181,14 +183,19 @@ class TokenCache:
 
     async def peek(self, key: str) -> encoder_pb2.EncodeHeader | None:
         """The entry's header without its payload (for a request whose LLM likely holds the tokens
-        already); None when there is no usable header. The payload is checked when it is read."""
-        blob = await self.store.get_prefix(key, PEEK_BYTES)
-        if not blob:
+        already); None when there is no usable header or the length is wrong. The payload's
+        checksum is checked when it is read."""
+        peeked = await self.store.get_prefix(key, PEEK_BYTES)
+        if not peeked or not peeked[0]:
             return None
+        blob, total = peeked
         try:
-            return EncodedVideo.parse_header(blob)[0]
+            header, start = EncodedVideo.parse_header(blob)
         except ValueError:
             return None  # damaged, or a header longer than the peek: the full read decides
+        if total != start + header.tensor.num_bytes:
+            return None  # truncated or padded: the full read deletes it and the video is encoded again
+        return header
 
     async def put(self, key: str, video: EncodedVideo) -> bool:
         if len(video.payload) > self.max_entry_bytes:

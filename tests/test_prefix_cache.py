@@ -127,7 +127,7 @@ def test_a_repeat_question_to_the_holder_reads_only_the_entry_header_from_redis(
         gets, peeks = _redis_calls(redis_server, "get"), _redis_calls(redis_server, "getrange")
         repeat = ask("Second question?")
         assert repeat.headers["x-videollm-cache"] == "hit"
-        assert _redis_calls(redis_server, "getrange") == peeks + 1
+        assert _redis_calls(redis_server, "getrange") == peeks + 1  # with STRLEN, in one round trip
         assert _redis_calls(redis_server, "get") == gets  # the tokens stayed in Redis: the LLM held the prefix
 
         # The LLM lost the prefix (restart, eviction): it asks for the tokens, which are read then.
