@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 
 from encoder_service.engine import EncodeRequestError, EncoderEngine, EncodeResult, Overloaded
+from encoder_service.pull_store import PullStore
 from encoder_service.video_decode import VideoError
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, tensor_pb2
 from videollm import wire
@@ -17,7 +18,8 @@ from videollm.settings import EncoderSettings
 SERVICE_NAME = "videollm.v1.Encoder"
 
 
-def header_for(result: EncodeResult, tensor: tensor_pb2.TensorHeader, model_id: str) -> encoder_pb2.EncodeHeader:
+def header_for(result: EncodeResult, tensor: tensor_pb2.TensorHeader, model_id: str,
+               pull_ticket: str = "") -> encoder_pb2.EncodeHeader:
     trace = result.trace
     return encoder_pb2.EncodeHeader(
         tensor=tensor,
@@ -40,12 +42,19 @@ def header_for(result: EncodeResult, tensor: tensor_pb2.TensorHeader, model_id: 
         model_id=model_id,
         flops=encoder_pb2.EncoderFlops(encoder=result.flops, encoder_uncompressed=result.flops_uncompressed),
         uncompressed_tokens=result.uncompressed_tokens,
+        pull_ticket=pull_ticket,
     )
+
+
+def _chunk_responses(payload: memoryview):
+    for data in wire.chunks(payload):
+        yield encoder_pb2.EncodeResponse(chunk=tensor_pb2.TensorChunk(data=data))
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     def __init__(self, engine: EncoderEngine):
         self.engine = engine
+        self.pulls = PullStore(engine.settings.pull_buffer_bytes, engine.settings.pull_ttl_s)
 
     def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.ServicerContext):
         try:
@@ -59,9 +68,17 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         except Overloaded as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         payload = wire.tensor_bytes(result.tokens)
-        yield encoder_pb2.EncodeResponse(header=header_for(result, wire.describe(result.tokens, payload), self.engine.model_id))
-        for data in wire.chunks(payload):
-            yield encoder_pb2.EncodeResponse(chunk=tensor_pb2.TensorChunk(data=data))
+        header = header_for(result, wire.describe(result.tokens, payload), self.engine.model_id, self.pulls.put(payload))
+        yield encoder_pb2.EncodeResponse(header=header)
+        yield from _chunk_responses(payload)
+
+    def Pull(self, request: encoder_pb2.PullRequest, context: grpc.ServicerContext):
+        payload = self.pulls.take(request.ticket)
+        if payload is None:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          "no tokens under this ticket here (used, expired, or another replica); "
+                          "send them with the Generate call instead")
+        yield from _chunk_responses(payload)
 
     def Info(self, request, context):
         settings = self.engine.settings
@@ -77,6 +94,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             max_video_bytes=settings.max_video_bytes,
             encodes_completed=self.engine.encodes_completed,
             peak_memory_bytes=peak_memory_bytes(self.engine.vision.device),
+            pulls_served=self.pulls.pulled,
         )
 
 

@@ -73,18 +73,28 @@ class Outcome:
 
 
 class EncodeRelay:
-    """Reads one Encode stream to the end, handing chunks on and collecting them."""
+    """Reads one Encode stream to the end, handing chunks on and collecting them.
 
-    def __init__(self, call, header: encoder_pb2.EncodeHeader):
+    With `hold`, reading waits for release(): while an LLM pulls the same tokens from the encoder,
+    the gateway's copy (for the cache) does not compete with it."""
+
+    def __init__(self, call, header: encoder_pb2.EncodeHeader, hold: bool = False):
         self.header = header
         self._call = call
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.done: asyncio.Future[EncodedVideo] = asyncio.get_running_loop().create_future()
+        self._released = asyncio.Event()
+        if not hold:
+            self._released.set()
         self._task = asyncio.create_task(self._pump())
+
+    def release(self) -> None:
+        self._released.set()
 
     async def _pump(self) -> None:
         parts, crc, size = [], 0, 0
         try:
+            await self._released.wait()
             # read() rather than `async for`: the header was already taken with read()
             while (response := await self._call.read()) is not grpc.aio.EOF:
                 data = response.chunk.data
@@ -124,6 +134,7 @@ class VisualSource:
     encoded: asyncio.Future  # -> EncodedVideo; retries replay from it
     relay: EncodeRelay | None = None  # set on a cache miss that this request encodes
     fetch: Callable[[], Awaitable[EncodedVideo]] | None = None  # reads the tokens when first needed
+    pull: llm_pb2.VisualPull | None = None  # where an LLM can take the tokens straight from the encoder
 
     def __post_init__(self):
         if self.chunks is None:
@@ -216,7 +227,8 @@ class Pipeline:
 
     async def _open_encode(self, request: VideoRequest, frames: int, compression: CompressionSettings,
                            timeout_s: float):
-        """Start Encode on some replica and return (call, header); retries another replica when one is down."""
+        """Start Encode on some replica and return (call, header, its address); retries another replica
+        when one is down."""
         message = encoder_pb2.EncodeRequest(
             video=request.video.data,
             sampling=encoder_pb2.FrameSampling(num_frames=frames),
@@ -236,7 +248,7 @@ class Pipeline:
                 raise from_grpc(err, "encoder") from err
             if first is grpc.aio.EOF or first.WhichOneof("item") != "header":
                 raise APIError(502, "the encoder sent no header", "api_error", code="backend_error")
-            return call, first.header
+            return call, first.header, replica.address
         raise APIError(503, "no encoder replica is available", "service_unavailable",
                        code="backend_unavailable", headers={"Retry-After": "1"})
 
@@ -261,17 +273,20 @@ class Pipeline:
         if waiting is not None:  # someone is encoding the same video with the same settings
             return VisualSource.in_memory(key, await asyncio.shield(waiting))
         try:
-            call, header = await self._open_encode(request, frames, compression, timeout_s)
+            call, header, address = await self._open_encode(request, frames, compression, timeout_s)
         except BaseException as err:
             self.single_flight.finish(key, error=err)
             raise
-        relay = EncodeRelay(call, header)
+        pull = None
+        if header.pull_ticket and self.settings.direct_pull and self.settings.grpc_tls_ca is None:
+            pull = llm_pb2.VisualPull(address=address, ticket=header.pull_ticket)
+        relay = EncodeRelay(call, header, hold=pull is not None)
         relay.done.add_done_callback(
             lambda done: self.single_flight.finish(
                 key, result=None if done.exception() else done.result(), error=done.exception()
             )
         )
-        return VisualSource(key, header, relay.chunks(), relay.done, relay)
+        return VisualSource(key, header, relay.chunks(), relay.done, relay, pull=pull)
 
     async def _read_or_encode(self, key: str, header: encoder_pb2.EncodeHeader, request: VideoRequest, frames: int,
                               compression: CompressionSettings, timeout_s: float, outcome: Outcome) -> EncodedVideo:
@@ -280,7 +295,7 @@ class Pipeline:
         if cached is not None:
             return cached
         outcome.cache = "miss"
-        call, fresh = await self._open_encode(request, frames, compression, timeout_s)
+        call, fresh, _ = await self._open_encode(request, frames, compression, timeout_s)
         if list(fresh.tensor.shape) != list(header.tensor.shape) or fresh.tensor.dtype != header.tensor.dtype:
             call.cancel()
             raise APIError(503, "the video's cached tokens changed while the request was routed; retry",
@@ -319,45 +334,56 @@ class Pipeline:
             setup.uncompressed_visual_tokens = source.header.uncompressed_tokens
             if request.inner is None or not request.inner.enabled:  # Stage III never shares a prefix
                 setup.video_key = source.key
+            if source.pull is not None:
+                setup.pull.CopyFrom(source.pull)
         chunks = source.chunks if source is not None else None
         holder = self.prefix_holders.get(source.key) if setup.video_key else None
-        tried: set[str] = set()
-        while (replica := self.llms.pick(exclude=tried, prefer=holder)) is not None:
-            tried.add(replica.address)
-            self.llms.acquire(replica)
-            # Only the replica that answered about this video last can hold its prefix.
-            need_visual = asyncio.get_running_loop().create_future() if replica.address == holder else None
-            call = replica.stub.Generate(_generate_requests(setup, chunks, need_visual),
-                                         timeout=request.remaining_s())
-            try:
-                first = await call.read()
-                if first is not grpc.aio.EOF and first.WhichOneof("item") == "accepted":
-                    if need_visual is not None:
-                        need_visual.set_result(first.accepted.need_visual)
+        try:
+            tried: set[str] = set()
+            while (replica := self.llms.pick(exclude=tried, prefer=holder)) is not None:
+                tried.add(replica.address)
+                self.llms.acquire(replica)
+                # Wait for the LLM's answer before sending the tokens when it may not need them: it may hold
+                # the video's prefix (only the replica that answered about it last can) or pull them itself.
+                ask_first = replica.address == holder or setup.HasField("pull")
+                need_visual = asyncio.get_running_loop().create_future() if ask_first else None
+                call = replica.stub.Generate(_generate_requests(setup, chunks, need_visual),
+                                             timeout=request.remaining_s())
+                try:
                     first = await call.read()
-                if first is grpc.aio.EOF:
-                    raise APIError(502, "the LLM closed the stream without an answer", "api_error",
-                                   code="backend_error")
-            except grpc.aio.AioRpcError as err:
-                self.llms.release(replica, err)
-                if source is not None and source.encoded.done() and source.encoded.exception() is not None:
-                    raise source.encoded.exception() from err  # the encoder failed mid-stream
-                if err.code() == grpc.StatusCode.UNAVAILABLE:
-                    log.warning("LLM %s unavailable, trying another replica", replica.address)
-                    chunks = source.replay() if source is not None else None
-                    continue
-                raise from_grpc(err, "LLM") from err
-            except BaseException:
-                call.cancel()
-                self.llms.release(replica)
-                raise
+                    if source is not None and source.relay is not None:
+                        source.relay.release()  # the LLM has the tokens or wants them from us: read on
+                    if first is not grpc.aio.EOF and first.WhichOneof("item") == "accepted":
+                        if need_visual is not None:
+                            need_visual.set_result(first.accepted.need_visual)
+                        first = await call.read()
+                    if first is grpc.aio.EOF:
+                        raise APIError(502, "the LLM closed the stream without an answer", "api_error",
+                                       code="backend_error")
+                except grpc.aio.AioRpcError as err:
+                    self.llms.release(replica, err)
+                    if source is not None and source.encoded.done() and source.encoded.exception() is not None:
+                        raise source.encoded.exception() from err  # the encoder failed mid-stream
+                    if err.code() == grpc.StatusCode.UNAVAILABLE:
+                        log.warning("LLM %s unavailable, trying another replica", replica.address)
+                        chunks = source.replay() if source is not None else None
+                        setup.ClearField("pull")  # the ticket may be spent: send the tokens
+                        continue
+                    raise from_grpc(err, "LLM") from err
+                except BaseException:
+                    call.cancel()
+                    self.llms.release(replica)
+                    raise
+                if source is not None and source.relay is not None:
+                    self._cache_when_verified(source.key, source.relay)
+                if setup.video_key:
+                    self._remember_holder(source.key, replica.address)
+                return self._responses(call, first, replica, outcome)
+            raise APIError(503, "no LLM replica is available", "service_unavailable", code="backend_unavailable",
+                           headers={"Retry-After": "1"})
+        finally:  # however this ends, the gateway's copy of a miss's tokens is read (for the cache, for followers)
             if source is not None and source.relay is not None:
-                self._cache_when_verified(source.key, source.relay)
-            if setup.video_key:
-                self._remember_holder(source.key, replica.address)
-            return self._responses(call, first, replica, outcome)
-        raise APIError(503, "no LLM replica is available", "service_unavailable", code="backend_unavailable",
-                       headers={"Retry-After": "1"})
+                source.relay.release()
 
     async def _responses(self, call, first, replica, outcome: Outcome) -> AsyncIterator[llm_pb2.GenerateResponse]:
         try:

@@ -7,6 +7,7 @@ import time
 
 import grpc
 
+from llm_service.pull import EncoderPuller
 from llm_service.engine import Delta, GenerateRequestError, GenerationRequest, LLMEngine, Overloaded
 from llm_service.prompt import VIDEO, Message
 from llm_service.sampling import SamplingParams
@@ -64,6 +65,7 @@ def final_to_proto(final) -> llm_pb2.GenerateResponse:
 class LLMServicer(llm_pb2_grpc.LLMServicer):
     def __init__(self, engine: LLMEngine):
         self.engine = engine
+        self.puller = EncoderPuller(engine.settings.max_visual_bytes, engine.settings.pull_timeout_s)
 
     def _request_from_setup(self, setup: llm_pb2.GenerateSetup, context, arrived: float) -> GenerationRequest:
         cancelled = threading.Event()
@@ -96,10 +98,13 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
             request = self._request_from_setup(setup, context, arrived)
             if setup.HasField("visual"):
                 need_visual = self.engine.needs_visual(request)
+                if need_visual and setup.pull.ticket:  # straight from the encoder, if it still has them
+                    request.visual = self.puller.pull(setup.visual, setup.pull)
+                    need_visual = request.visual is None
                 yield llm_pb2.GenerateResponse(accepted=llm_pb2.Accepted(need_visual=need_visual))
                 if need_visual:
                     request.visual = self._read_visual(setup.visual, request_iterator)
-                else:
+                elif request.visual is None:
                     request.visual_count = setup.visual.shape[0] if setup.visual.shape else 0
             request.receive_ms = (time.perf_counter() - arrived) * 1e3
             events = self.engine.generate(request)
@@ -128,6 +133,8 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
             dtype=settings.torch_dtype_name(),
             generations_completed=self.engine.generations_completed,
             peak_memory_bytes=peak_memory_bytes(self.engine.lm.device),
+            visual_pulls=self.puller.pulled,
+            visual_pull_fallbacks=self.puller.failed,
         )
 
 

@@ -94,6 +94,9 @@ class EncoderSettings(_ServiceSettings):
     max_duration_s: float = Field(4 * 3600.0, gt=0)
     max_frame_pixels: int = Field(3840 * 2160, ge=1, description="width*height of one decoded frame")
     compression: CompressionSettings = CompressionSettings()
+    pull_buffer_bytes: int = Field(1024 * MiB, ge=0, description="recent token tensors kept for an LLM to pull "
+                                   "straight from this encoder (0 = off: tokens go through the gateway)")
+    pull_ttl_s: float = Field(30.0, ge=0, description="how long a token tensor waits for its pull")
 
 
 class LLMSettings(_ServiceSettings):
@@ -109,6 +112,7 @@ class LLMSettings(_ServiceSettings):
     max_context_tokens: int = Field(32768, ge=1, description="prompt + visual + completion tokens")
     max_visual_bytes: int = Field(1024 * MiB, ge=1)
     prefix_cache_entries: int = Field(8, ge=0, description="KV caches of video prefixes kept for repeat questions")
+    pull_timeout_s: float = Field(10.0, gt=0, description="longest wait for visual tokens pulled from an encoder")
 
 
 def _split_list(value):
@@ -145,6 +149,8 @@ class GatewaySettings(BaseSettings):
     request_timeout_s: float = Field(600.0, gt=0, description="deadline of one request downstream")
     max_in_flight: int = Field(256, ge=1, description="chat completions in progress; more get 429")
     grpc_tls_ca: Path | None = Field(None, description="PEM CA bundle: reach encoders and LLMs over TLS")
+    direct_pull: bool = Field(True, description="on a cache miss, let the LLM take the tokens straight from the "
+                              "encoder (one hop instead of two); off whenever grpc_tls_ca is set")
     grpc_tls_cert: Path | None = Field(None, description="PEM client certificate for mutual TLS")
     grpc_tls_key: Path | None = Field(None, description="PEM private key of grpc_tls_cert")
     fetch_urls: bool = Field(False, description="accept http(s) video URLs (fetched by the gateway)")

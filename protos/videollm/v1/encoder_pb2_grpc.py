@@ -39,6 +39,11 @@ class EncoderStub:
                 request_serializer=protos_dot_videollm_dot_v1_dot_encoder__pb2.EncodeRequest.SerializeToString,
                 response_deserializer=protos_dot_videollm_dot_v1_dot_encoder__pb2.EncodeResponse.FromString,
                 _registered_method=True)
+        self.Pull = channel.unary_stream(
+                '/videollm.v1.Encoder/Pull',
+                request_serializer=protos_dot_videollm_dot_v1_dot_encoder__pb2.PullRequest.SerializeToString,
+                response_deserializer=protos_dot_videollm_dot_v1_dot_encoder__pb2.EncodeResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/videollm.v1.Encoder/Info',
                 request_serializer=protos_dot_videollm_dot_v1_dot_encoder__pb2.InfoRequest.SerializeToString,
@@ -51,6 +56,15 @@ class EncoderServicer:
 
     def Encode(self, request, context):
         """Streams one EncodeHeader, then the token tensor as TensorChunk messages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pull(self, request, context):
+        """Streams the token tensor of a recent Encode (its header's pull_ticket) as TensorChunk messages,
+        once: an LLM service takes the tokens straight from the encoder instead of through the gateway.
+        NOT_FOUND when the ticket is unknown, used or expired.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -69,6 +83,11 @@ def add_EncoderServicer_to_server(servicer, server):
             'Encode': grpc.unary_stream_rpc_method_handler(
                     servicer.Encode,
                     request_deserializer=protos_dot_videollm_dot_v1_dot_encoder__pb2.EncodeRequest.FromString,
+                    response_serializer=protos_dot_videollm_dot_v1_dot_encoder__pb2.EncodeResponse.SerializeToString,
+            ),
+            'Pull': grpc.unary_stream_rpc_method_handler(
+                    servicer.Pull,
+                    request_deserializer=protos_dot_videollm_dot_v1_dot_encoder__pb2.PullRequest.FromString,
                     response_serializer=protos_dot_videollm_dot_v1_dot_encoder__pb2.EncodeResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
@@ -103,6 +122,33 @@ class Encoder:
             target,
             '/videollm.v1.Encoder/Encode',
             protos_dot_videollm_dot_v1_dot_encoder__pb2.EncodeRequest.SerializeToString,
+            protos_dot_videollm_dot_v1_dot_encoder__pb2.EncodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/videollm.v1.Encoder/Pull',
+            protos_dot_videollm_dot_v1_dot_encoder__pb2.PullRequest.SerializeToString,
             protos_dot_videollm_dot_v1_dot_encoder__pb2.EncodeResponse.FromString,
             options,
             channel_credentials,

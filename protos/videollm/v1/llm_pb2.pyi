@@ -12,7 +12,7 @@ class LLMInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LLMInfo(_message.Message):
-    __slots__ = ("model_id", "hidden_size", "default_max_tokens", "max_tokens_limit", "max_context_tokens", "dtype", "generations_completed", "peak_memory_bytes")
+    __slots__ = ("model_id", "hidden_size", "default_max_tokens", "max_tokens_limit", "max_context_tokens", "dtype", "generations_completed", "peak_memory_bytes", "visual_pulls", "visual_pull_fallbacks")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,8 @@ class LLMInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     GENERATIONS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VISUAL_PULLS_FIELD_NUMBER: _ClassVar[int]
+    VISUAL_PULL_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     hidden_size: int
     default_max_tokens: int
@@ -29,7 +31,9 @@ class LLMInfo(_message.Message):
     dtype: str
     generations_completed: int
     peak_memory_bytes: int
-    def __init__(self, model_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., generations_completed: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ...) -> None: ...
+    visual_pulls: int
+    visual_pull_fallbacks: int
+    def __init__(self, model_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., generations_completed: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., visual_pulls: _Optional[int] = ..., visual_pull_fallbacks: _Optional[int] = ...) -> None: ...
 
 class ContentPart(_message.Message):
     __slots__ = ("text", "video")
@@ -74,7 +78,7 @@ class InnerCompression(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., layer: _Optional[int] = ..., drop_ratio: _Optional[float] = ...) -> None: ...
 
 class GenerateSetup(_message.Message):
-    __slots__ = ("messages", "sampling", "visual", "request_id", "uncompressed_visual_tokens", "inner", "video_key")
+    __slots__ = ("messages", "sampling", "visual", "request_id", "uncompressed_visual_tokens", "inner", "video_key", "pull")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     VISUAL_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +86,7 @@ class GenerateSetup(_message.Message):
     UNCOMPRESSED_VISUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     INNER_FIELD_NUMBER: _ClassVar[int]
     VIDEO_KEY_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     sampling: SamplingParams
     visual: _tensor_pb2.TensorHeader
@@ -89,7 +94,16 @@ class GenerateSetup(_message.Message):
     uncompressed_visual_tokens: int
     inner: InnerCompression
     video_key: str
-    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., visual: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., request_id: _Optional[str] = ..., uncompressed_visual_tokens: _Optional[int] = ..., inner: _Optional[_Union[InnerCompression, _Mapping]] = ..., video_key: _Optional[str] = ...) -> None: ...
+    pull: VisualPull
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., visual: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., request_id: _Optional[str] = ..., uncompressed_visual_tokens: _Optional[int] = ..., inner: _Optional[_Union[InnerCompression, _Mapping]] = ..., video_key: _Optional[str] = ..., pull: _Optional[_Union[VisualPull, _Mapping]] = ...) -> None: ...
+
+class VisualPull(_message.Message):
+    __slots__ = ("address", "ticket")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    ticket: str
+    def __init__(self, address: _Optional[str] = ..., ticket: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("setup", "visual_chunk")
