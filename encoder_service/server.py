@@ -98,10 +98,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         )
 
 
-def start(settings: EncoderSettings, engine: EncoderEngine | None = None):
+def start(settings: EncoderSettings, engine: EncoderEngine | None = None, servicer: EncoderServicer | None = None):
     """Start serving on settings.host:settings.port; returns (server, health, port)."""
-    engine = engine or EncoderEngine(settings)
-    servicer = EncoderServicer(engine)
+    servicer = servicer or EncoderServicer(engine or EncoderEngine(settings))
+    engine = servicer.engine
     return start_service(settings, settings.max_video_bytes + MiB,
                          lambda server: encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, server),
                          SERVICE_NAME, "encoder", engine.model_id)
