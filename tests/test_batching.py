@@ -150,3 +150,25 @@ def test_a_runner_refuses_a_prompt_longer_than_its_slot(llm_service):
     runner = ModelRunner(lm.model, slots=1, max_length=64)
     with pytest.raises(ValueError, match="do not fit a KV cache slot of 64"):
         runner.prefill(0, torch.zeros(65, lm.hidden_size), 0)
+
+
+def test_a_failing_step_fails_its_requests_and_the_batcher_keeps_serving(endless, monkeypatch):
+    """A device error in one decode step (caused here by a stand-in: it cannot be caused for real on
+    the CPU) ends the requests in that step with the error; the next request is served normally."""
+    engine = endless
+    expected = run(engine, request_for(engine, 0, 8))[0]
+    original = engine.runner.decode
+    failures = []
+
+    def failing_once(count, tokens):
+        if not failures:
+            failures.append(count)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return original(count, tokens)
+
+    monkeypatch.setattr(engine.runner, "decode", failing_once)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        run(engine, request_for(engine, 0, 8))
+    wait_until_idle(engine)
+    assert run(engine, request_for(engine, 0, 8))[0] == expected
+    assert failures == [1]
