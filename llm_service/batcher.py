@@ -80,6 +80,10 @@ class Batcher:
     def active(self) -> int:
         return len(self._active)
 
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
     def submit(self, sequence: Sequence) -> None:
         with self._wake:
             self._pending.append(sequence)

@@ -135,6 +135,9 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
             peak_memory_bytes=peak_memory_bytes(self.engine.lm.device),
             visual_pulls=self.puller.pulled,
             visual_pull_fallbacks=self.puller.failed,
+            decode_slots=self.engine.runner.slots,
+            active_sequences=self.engine.batcher.active,
+            waiting_sequences=self.engine.batcher.waiting,
         )
 
 

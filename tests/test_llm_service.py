@@ -520,6 +520,22 @@ def test_info_reports_the_model_and_its_limits(stub, llm_service, tiny_model_dir
     assert stub.Info(llm_pb2.LLMInfoRequest(), timeout=TIMEOUT_S).generations_completed == before + 1
 
 
+def test_info_reports_decode_slots_in_use(stub, llm_service, monkeypatch):
+    monkeypatch.setattr(llm_service.engine.lm, "eos_token_ids", set())  # the answer runs until cancelled
+    idle = stub.Info(llm_pb2.LLMInfoRequest(), timeout=TIMEOUT_S)
+    assert idle.decode_slots == llm_service.engine.settings.decode_slots == 16
+    assert (idle.active_sequences, idle.waiting_sequences) == (0, 0)
+    call = stub.Generate(generate_requests([user("Hi")], max_tokens=2000), timeout=TIMEOUT_S)
+    assert next(call).WhichOneof("item") == "delta"
+    busy = stub.Info(llm_pb2.LLMInfoRequest(), timeout=TIMEOUT_S)
+    call.cancel()
+    assert busy.active_sequences == 1
+    deadline = time.monotonic() + 5
+    while stub.Info(llm_pb2.LLMInfoRequest(), timeout=TIMEOUT_S).active_sequences and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stub.Info(llm_pb2.LLMInfoRequest(), timeout=TIMEOUT_S).active_sequences == 0
+
+
 @pytest.mark.parametrize("service", ["", "videollm.v1.LLM"])
 def test_the_health_service_reports_serving(channel, service):
     health = health_pb2_grpc.HealthStub(channel)

@@ -12,7 +12,7 @@ class LLMInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LLMInfo(_message.Message):
-    __slots__ = ("model_id", "hidden_size", "default_max_tokens", "max_tokens_limit", "max_context_tokens", "dtype", "generations_completed", "peak_memory_bytes", "visual_pulls", "visual_pull_fallbacks")
+    __slots__ = ("model_id", "hidden_size", "default_max_tokens", "max_tokens_limit", "max_context_tokens", "dtype", "generations_completed", "peak_memory_bytes", "visual_pulls", "visual_pull_fallbacks", "decode_slots", "active_sequences", "waiting_sequences")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,9 @@ class LLMInfo(_message.Message):
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     VISUAL_PULLS_FIELD_NUMBER: _ClassVar[int]
     VISUAL_PULL_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    WAITING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     hidden_size: int
     default_max_tokens: int
@@ -33,7 +36,10 @@ class LLMInfo(_message.Message):
     peak_memory_bytes: int
     visual_pulls: int
     visual_pull_fallbacks: int
-    def __init__(self, model_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., generations_completed: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., visual_pulls: _Optional[int] = ..., visual_pull_fallbacks: _Optional[int] = ...) -> None: ...
+    decode_slots: int
+    active_sequences: int
+    waiting_sequences: int
+    def __init__(self, model_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., generations_completed: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., visual_pulls: _Optional[int] = ..., visual_pull_fallbacks: _Optional[int] = ..., decode_slots: _Optional[int] = ..., active_sequences: _Optional[int] = ..., waiting_sequences: _Optional[int] = ...) -> None: ...
 
 class ContentPart(_message.Message):
     __slots__ = ("text", "video")
