@@ -3,7 +3,7 @@
 
 For token tensors of the 7B shape (width 3584, bf16) at the sizes that 32 frames give at retain
 0.1, 0.25 and 1.0, it times:
-  - serialise: the encoder's side, tensor -> bytes + CRC-32 header -> protobuf chunk messages;
+  - serialise: the encoder's side, tensor -> bytes + CRC-32 header -> serialized chunk messages;
   - pull: one gRPC hop on loopback, a real encoder service's Pull into the LLM's assembler
     (transfer, parse, copy, length and CRC checks), as the LLM does on a miss;
   - to device: the checked tensor copied to the GPU.
@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from llm_service.pull import EncoderPuller
-from protos.videollm.v1 import encoder_pb2, llm_pb2, tensor_pb2
+from llm_service.pull import CHUNK_FIELD
+from protos.videollm.v1 import llm_pb2
 from videollm import wire
 
 SIZES = {"retain 0.1 (639 tokens)": 639, "retain 0.25 (1585 tokens)": 1585, "retain 1.0 (6273 tokens)": 6273}
@@ -68,8 +69,7 @@ def main(argv=None) -> int:
             def serialise():
                 payload = wire.tensor_bytes(tensor)
                 header = wire.describe(tensor, payload)
-                messages = [encoder_pb2.EncodeResponse(chunk=tensor_pb2.TensorChunk(data=data)).SerializeToString()
-                            for data in wire.chunks(payload)]
+                messages = list(wire.chunk_messages(payload, CHUNK_FIELD))  # as the encoder writes them
                 return header, payload, messages
 
             header, payload, _ = serialise()

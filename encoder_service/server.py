@@ -46,9 +46,30 @@ def header_for(result: EncodeResult, tensor: tensor_pb2.TensorHeader, model_id: 
     )
 
 
+CHUNK_FIELD = encoder_pb2.EncodeResponse.DESCRIPTOR.fields_by_name["chunk"].number
+
+
 def _chunk_responses(payload: memoryview):
-    for data in wire.chunks(payload):
-        yield encoder_pb2.EncodeResponse(chunk=tensor_pb2.TensorChunk(data=data))
+    """EncodeResponse chunk messages, already serialized (see wire.chunk_messages)."""
+    return wire.chunk_messages(payload, CHUNK_FIELD)
+
+
+def _serialize(response) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def add_to_server(servicer: EncoderServicer, server: grpc.Server) -> None:
+    """The generated registration, except that streamed responses may be pre-serialized bytes."""
+    handlers = {
+        "Encode": grpc.unary_stream_rpc_method_handler(
+            servicer.Encode, request_deserializer=encoder_pb2.EncodeRequest.FromString, response_serializer=_serialize),
+        "Pull": grpc.unary_stream_rpc_method_handler(
+            servicer.Pull, request_deserializer=encoder_pb2.PullRequest.FromString, response_serializer=_serialize),
+        "Info": grpc.unary_unary_rpc_method_handler(
+            servicer.Info, request_deserializer=encoder_pb2.InfoRequest.FromString,
+            response_serializer=encoder_pb2.EncoderInfo.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
@@ -103,7 +124,7 @@ def start(settings: EncoderSettings, engine: EncoderEngine | None = None, servic
     servicer = servicer or EncoderServicer(engine or EncoderEngine(settings))
     engine = servicer.engine
     return start_service(settings, settings.max_video_bytes + MiB,
-                         lambda server: encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, server),
+                         lambda server: add_to_server(servicer, server),
                          SERVICE_NAME, "encoder", engine.model_id)
 
 

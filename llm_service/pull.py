@@ -15,37 +15,44 @@ import threading
 import grpc
 import torch
 
-from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, llm_pb2, tensor_pb2
+from protos.videollm.v1 import encoder_pb2, llm_pb2, tensor_pb2
 from videollm import wire
 
 log = logging.getLogger(__name__)
+
+CHUNK_FIELD = encoder_pb2.EncodeResponse.DESCRIPTOR.fields_by_name["chunk"].number
 
 
 class EncoderPuller:
     def __init__(self, max_bytes: int, timeout_s: float):
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
-        self._stubs: dict[str, encoder_pb2_grpc.EncoderStub] = {}
+        self._pulls: dict[str, grpc.UnaryStreamMultiCallable] = {}
         self._lock = threading.Lock()
         self.pulled = 0
         self.failed = 0
 
-    def _stub(self, address: str) -> encoder_pb2_grpc.EncoderStub:
+    def _pull_call(self, address: str) -> grpc.UnaryStreamMultiCallable:
+        """Encoder.Pull on `address`, reading each chunk as a view into the received message."""
         with self._lock:
-            stub = self._stubs.get(address)
-            if stub is None:
+            call = self._pulls.get(address)
+            if call is None:
                 channel = grpc.insecure_channel(address, options=[
                     ("grpc.max_receive_message_length", 2 * wire.CHUNK_BYTES)])
-                stub = self._stubs[address] = encoder_pb2_grpc.EncoderStub(channel)
-            return stub
+                call = self._pulls[address] = channel.unary_stream(
+                    "/videollm.v1.Encoder/Pull",
+                    request_serializer=encoder_pb2.PullRequest.SerializeToString,
+                    response_deserializer=lambda message: wire.chunk_data(message, CHUNK_FIELD),
+                )
+            return call
 
     def pull(self, header: tensor_pb2.TensorHeader, source: llm_pb2.VisualPull) -> torch.Tensor | None:
         """The tensor described by header, from the encoder at source.address, or None."""
         try:
             assembler = wire.TensorAssembler(header, self.max_bytes)
-            for response in self._stub(source.address).Pull(encoder_pb2.PullRequest(ticket=source.ticket),
-                                                            timeout=self.timeout_s):
-                assembler.add(response.chunk.data)
+            for data in self._pull_call(source.address)(encoder_pb2.PullRequest(ticket=source.ticket),
+                                                        timeout=self.timeout_s):
+                assembler.add(data)
             tensor = assembler.tensor()  # [N, D]
         except (grpc.RpcError, wire.WireError) as err:
             self.failed += 1

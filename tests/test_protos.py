@@ -31,3 +31,24 @@ def test_the_package_is_versioned():
     assert encoder_pb2.DESCRIPTOR.package == "videollm.v1"
     assert llm_pb2.DESCRIPTOR.services_by_name["LLM"].full_name == "videollm.v1.LLM"
     assert encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name == "videollm.v1.Encoder"
+
+
+def test_the_encoder_registration_serves_every_method_of_the_service():
+    import grpc
+
+    from encoder_service import server as encoder_server
+    from protos.videollm.v1 import encoder_pb2
+
+    class Recorder:
+        def add_generic_rpc_handlers(self, handlers):
+            self.handlers = handlers
+
+    recorder = Recorder()
+    encoder_server.add_to_server(object.__new__(encoder_server.EncoderServicer), recorder)
+    (handler,) = recorder.handlers
+    methods = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].methods
+    for method in methods:
+        details = type("Details", (), {"method": f"/{encoder_server.SERVICE_NAME}/{method.name}"})()
+        found = handler.service(details)
+        assert isinstance(found, grpc.RpcMethodHandler), method.name
+        assert found.response_streaming == method.server_streaming

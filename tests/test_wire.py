@@ -158,3 +158,29 @@ def test_max_bytes_is_enforced_before_any_chunk_is_read():
     with pytest.raises(wire.WireError, match="exceeds the limit"):
         wire.assemble(header, never_read(), max_bytes=size - 1)
     assert same_bits(wire.assemble(header, pieces, max_bytes=size), original)  # exactly at the limit is fine
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300, (1 << 20) + 5, 3 * (1 << 20)])
+def test_hand_written_chunk_messages_are_what_protobuf_writes_and_reads(size):
+    from protos.videollm.v1 import encoder_pb2, llm_pb2
+
+    payload = memoryview(bytes(i % 251 for i in range(size)))
+    for message_cls, field in ((encoder_pb2.EncodeResponse, "chunk"), (llm_pb2.GenerateRequest, "visual_chunk")):
+        number = message_cls.DESCRIPTOR.fields_by_name[field].number
+        written = list(wire.chunk_messages(payload, number))
+        expected = [message_cls(**{field: tensor_pb2.TensorChunk(data=piece)}).SerializeToString()
+                    for piece in wire.chunks(payload)]
+        assert written == expected
+        assert b"".join(bytes(wire.chunk_data(message, number)) for message in written) == bytes(payload)
+    empty = encoder_pb2.EncodeResponse(chunk=tensor_pb2.TensorChunk()).SerializeToString()
+    assert bytes(wire.chunk_data(empty, 2)) == b""
+
+
+def test_chunk_data_refuses_other_messages():
+    from protos.videollm.v1 import encoder_pb2
+
+    header = encoder_pb2.EncodeResponse(header=encoder_pb2.EncodeHeader(model_id="m")).SerializeToString()
+    good = next(wire.chunk_messages(memoryview(b"abc"), 2))
+    for bad in (header, good[:-1], good + b"x", b"", b"\x12"):
+        with pytest.raises(wire.WireError):
+            wire.chunk_data(bad, 2)

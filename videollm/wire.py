@@ -49,6 +49,61 @@ def chunks(payload: memoryview, chunk_bytes: int = CHUNK_BYTES) -> Iterator[byte
         yield bytes(payload[start : start + chunk_bytes])
 
 
+# A chunk message on the token streams is `{field: TensorChunk{data: 1}}`. Streams that carry only
+# chunks write and read that protobuf encoding directly: one copy of the bytes instead of three.
+# It is byte for byte what protobuf writes and reads (tests/test_wire.py checks both ways).
+_DATA_TAG = b"\x0a"  # TensorChunk.data: field 1, length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(view) and shift < 64:
+        byte = view[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise WireError("malformed chunk message: truncated length")
+
+
+def chunk_messages(payload: memoryview, field: int, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Serialized `{field: TensorChunk{data}}` messages carrying payload in chunks."""
+    tag = _varint(field << 3 | 2)
+    for start in range(0, payload.nbytes, chunk_bytes):
+        piece = payload[start : start + chunk_bytes]
+        inner = _DATA_TAG + _varint(len(piece))
+        yield b"".join((tag, _varint(len(inner) + len(piece)), inner, piece))
+
+
+def chunk_data(message: bytes, field: int) -> memoryview:
+    """The data of a serialized `{field: TensorChunk{data}}` message, as a view (no copy)."""
+    view = memoryview(message)
+    tag = _varint(field << 3 | 2)
+    if bytes(view[: len(tag)]) != tag:
+        raise WireError("expected a tensor chunk message")
+    size, pos = _read_varint(view, len(tag))
+    if pos + size != len(view):
+        raise WireError("malformed chunk message: length mismatch")
+    if size == 0:
+        return view[pos:pos]
+    if bytes(view[pos : pos + 1]) != _DATA_TAG:
+        raise WireError("malformed chunk message: expected the data field")
+    length, pos = _read_varint(view, pos + 1)
+    if pos + length != len(view):
+        raise WireError("malformed chunk message: data length mismatch")
+    return view[pos:]
+
+
 def expected_bytes(header: tensor_pb2.TensorHeader) -> int:
     if header.dtype not in WIRE_DTYPES:
         raise WireError(f"unknown tensor dtype {header.dtype!r}; expected one of {sorted(WIRE_DTYPES)}")
