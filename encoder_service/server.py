@@ -54,17 +54,13 @@ def _chunk_responses(payload: memoryview):
     return wire.chunk_messages(payload, CHUNK_FIELD)
 
 
-def _serialize(response) -> bytes:
-    return response if isinstance(response, bytes) else response.SerializeToString()
-
-
 def add_to_server(servicer: EncoderServicer, server: grpc.Server) -> None:
     """The generated registration, except that streamed responses may be pre-serialized bytes."""
     handlers = {
         "Encode": grpc.unary_stream_rpc_method_handler(
-            servicer.Encode, request_deserializer=encoder_pb2.EncodeRequest.FromString, response_serializer=_serialize),
+            servicer.Encode, request_deserializer=encoder_pb2.EncodeRequest.FromString, response_serializer=wire.serialize),
         "Pull": grpc.unary_stream_rpc_method_handler(
-            servicer.Pull, request_deserializer=encoder_pb2.PullRequest.FromString, response_serializer=_serialize),
+            servicer.Pull, request_deserializer=encoder_pb2.PullRequest.FromString, response_serializer=wire.serialize),
         "Info": grpc.unary_unary_rpc_method_handler(
             servicer.Info, request_deserializer=encoder_pb2.InfoRequest.FromString,
             response_serializer=encoder_pb2.EncoderInfo.SerializeToString),

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.auth import APIKeyAuth
-from gateway.backends import ReplicaPool
+from gateway.backends import ReplicaPool, llm_stub
 from gateway.cache import RedisStore, TokenCache
 from gateway.errors import APIError, bad_request
 from gateway.fetch import FetchPolicy, fetch_video
@@ -30,7 +30,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.pipeline import ChatRequest, Outcome, Pipeline, VideoRequest
 from gateway.schemas import ChatCompletionRequest, TextPart, VideoPart
 from gateway.videos import VIDEO_ID, UploadStore, Video, decode_data_url, probe_video, too_large
-from protos.videollm.v1 import encoder_pb2_grpc, llm_pb2, llm_pb2_grpc
+from protos.videollm.v1 import encoder_pb2_grpc, llm_pb2
 from videollm.proto_mapping import compression_from_proto
 from videollm.settings import CompressionSettings, GatewaySettings
 
@@ -49,7 +49,7 @@ class Runtime:
         tls = ReplicaPool.credentials(settings.grpc_tls_ca, settings.grpc_tls_cert, settings.grpc_tls_key)
         self.encoders = ReplicaPool.connect("encoder", settings.encoders, encoder_pb2_grpc.EncoderStub,
                                             grpc_message_bytes, tls)
-        self.llms = ReplicaPool.connect("llm", settings.llms, llm_pb2_grpc.LLMStub, 16 << 20, tls)
+        self.llms = ReplicaPool.connect("llm", settings.llms, llm_stub, 16 << 20, tls)
         cache = TokenCache(self.store, settings.cache_ttl_s, settings.cache_max_entry_bytes)
         self.pipeline = Pipeline(settings, self.encoders, self.llms, cache)
 

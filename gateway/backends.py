@@ -16,6 +16,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from protos.videollm.v1 import llm_pb2, llm_pb2_grpc
+from videollm import wire
+
 MiB = 1 << 20
 UNAVAILABLE_BACKOFF_S = 2.0
 
@@ -114,3 +117,11 @@ class ReplicaPool:
     async def close(self) -> None:
         for replica in self.replicas:
             await replica.channel.close()
+
+
+def llm_stub(channel: grpc.aio.Channel) -> llm_pb2_grpc.LLMStub:
+    """The generated stub, except that Generate also takes pre-serialized chunk messages (bytes)."""
+    stub = llm_pb2_grpc.LLMStub(channel)
+    stub.Generate = channel.stream_stream("/videollm.v1.LLM/Generate", request_serializer=wire.serialize,
+                                          response_deserializer=llm_pb2.GenerateResponse.FromString)
+    return stub

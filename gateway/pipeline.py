@@ -23,7 +23,7 @@ from gateway.backends import ReplicaPool
 from gateway.cache import EncodedVideo, SingleFlight, TokenCache, cache_key
 from gateway.errors import APIError, bad_request, from_grpc
 from gateway.videos import Video
-from protos.videollm.v1 import encoder_pb2, llm_pb2, tensor_pb2
+from protos.videollm.v1 import encoder_pb2, llm_pb2
 from videollm.proto_mapping import (
     compression_from_proto,
     compression_to_proto,
@@ -31,7 +31,10 @@ from videollm.proto_mapping import (
     error_path,
 )
 from videollm.settings import CompressionSettings, GatewaySettings
+from videollm import wire
 from videollm.wire import CHUNK_BYTES
+
+VISUAL_CHUNK_FIELD = llm_pb2.GenerateRequest.DESCRIPTOR.fields_by_name["visual_chunk"].number
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +121,10 @@ class EncodeRelay:
             yield data
 
 
-async def _memory_chunks(payload: bytes | memoryview) -> AsyncIterator[bytes]:
+async def _memory_chunks(payload: bytes | memoryview) -> AsyncIterator[memoryview]:
     view = memoryview(payload)
     for start in range(0, len(view), CHUNK_BYTES):
-        yield bytes(view[start : start + CHUNK_BYTES])
+        yield view[start : start + CHUNK_BYTES]
 
 
 @dataclass
@@ -171,7 +174,7 @@ async def _generate_requests(setup: llm_pb2.GenerateSetup, chunks: AsyncIterator
     yield llm_pb2.GenerateRequest(setup=setup)
     if chunks is not None and (need_visual is None or await need_visual):
         async for data in chunks:
-            yield llm_pb2.GenerateRequest(visual_chunk=tensor_pb2.TensorChunk(data=data))
+            yield wire.chunk_message(data, VISUAL_CHUNK_FIELD)  # serialized directly: one copy
 
 
 class Pipeline:

@@ -83,16 +83,16 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
     def _read_visual(self, header, request_iterator):
         assembler = wire.TensorAssembler(header, self.engine.settings.max_visual_bytes)
         for message in request_iterator:
-            if message.WhichOneof("item") != "visual_chunk":
+            if not isinstance(message, memoryview):  # see _request: chunks arrive as views of their data
                 raise GenerateRequestError("only visual_chunk messages may follow the GenerateSetup")
-            assembler.add(message.visual_chunk.data)
+            assembler.add(message)
         return assembler.tensor()  # [N, D]
 
     def Generate(self, request_iterator, context: grpc.ServicerContext):
         arrived = time.perf_counter()
         try:
             first = next(request_iterator, None)
-            if first is None or first.WhichOneof("item") != "setup":
+            if first is None or isinstance(first, memoryview) or first.WhichOneof("item") != "setup":
                 raise GenerateRequestError("the first message of Generate must be a GenerateSetup")
             setup = first.setup
             request = self._request_from_setup(setup, context, arrived)
@@ -146,11 +146,35 @@ def _chain(first, rest):
     yield from rest
 
 
+VISUAL_CHUNK_FIELD = llm_pb2.GenerateRequest.DESCRIPTOR.fields_by_name["visual_chunk"].number
+
+
+def _request(message: bytes):
+    """A visual chunk as a view of its data (no protobuf object, no copy); any other message parsed."""
+    try:
+        return wire.chunk_data(message, VISUAL_CHUNK_FIELD)
+    except wire.WireError:
+        return llm_pb2.GenerateRequest.FromString(message)
+
+
+def add_to_server(servicer: LLMServicer, server: grpc.Server) -> None:
+    """The generated registration, except that Generate reads visual chunks with _request."""
+    handlers = {
+        "Generate": grpc.stream_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=_request,
+            response_serializer=llm_pb2.GenerateResponse.SerializeToString),
+        "Info": grpc.unary_unary_rpc_method_handler(
+            servicer.Info, request_deserializer=llm_pb2.LLMInfoRequest.FromString,
+            response_serializer=llm_pb2.LLMInfo.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
 def start(settings: LLMSettings, engine: LLMEngine | None = None):
     """Start serving on settings.host:settings.port; returns (server, health, port)."""
     engine = engine or LLMEngine(settings)
     servicer = LLMServicer(engine)
-    return start_service(settings, 16 * MiB, lambda server: llm_pb2_grpc.add_LLMServicer_to_server(servicer, server),
+    return start_service(settings, 16 * MiB, lambda server: add_to_server(servicer, server),
                          SERVICE_NAME, "LLM", engine.model_id)
 
 

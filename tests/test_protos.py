@@ -52,3 +52,24 @@ def test_the_encoder_registration_serves_every_method_of_the_service():
         found = handler.service(details)
         assert isinstance(found, grpc.RpcMethodHandler), method.name
         assert found.response_streaming == method.server_streaming
+
+
+def test_the_llm_registration_serves_every_method_of_the_service():
+    import grpc
+
+    from llm_service import server as llm_server
+    from protos.videollm.v1 import llm_pb2
+
+    class Recorder:
+        def add_generic_rpc_handlers(self, handlers):
+            self.handlers = handlers
+
+    recorder = Recorder()
+    llm_server.add_to_server(object.__new__(llm_server.LLMServicer), recorder)
+    (handler,) = recorder.handlers
+    for method in llm_pb2.DESCRIPTOR.services_by_name["LLM"].methods:
+        details = type("Details", (), {"method": f"/{llm_server.SERVICE_NAME}/{method.name}"})()
+        found = handler.service(details)
+        assert isinstance(found, grpc.RpcMethodHandler), method.name
+        assert (found.request_streaming, found.response_streaming) == (method.client_streaming,
+                                                                       method.server_streaming)

@@ -76,13 +76,21 @@ def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
     raise WireError("malformed chunk message: truncated length")
 
 
+def chunk_message(piece: bytes | memoryview, field: int) -> bytes:
+    """The serialized message `{field: TensorChunk{data: piece}}`."""
+    inner = _DATA_TAG + _varint(len(piece))
+    return b"".join((_varint(field << 3 | 2), _varint(len(inner) + len(piece)), inner, piece))
+
+
 def chunk_messages(payload: memoryview, field: int, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
     """Serialized `{field: TensorChunk{data}}` messages carrying payload in chunks."""
-    tag = _varint(field << 3 | 2)
     for start in range(0, payload.nbytes, chunk_bytes):
-        piece = payload[start : start + chunk_bytes]
-        inner = _DATA_TAG + _varint(len(piece))
-        yield b"".join((tag, _varint(len(inner) + len(piece)), inner, piece))
+        yield chunk_message(payload[start : start + chunk_bytes], field)
+
+
+def serialize(message) -> bytes:
+    """gRPC serializer for streams that mix protobuf messages and pre-serialized chunk messages."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 def chunk_data(message: bytes, field: int) -> memoryview:
