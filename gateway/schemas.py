@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 
+UINT32_MAX = 2**32 - 1  # integers that travel as uint32 on the gRPC hops; larger ones are a 400 here
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
@@ -40,7 +42,7 @@ class InnerCompressionOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    k: int | None = Field(None, ge=1, description="decoder layer (default 18 of 28, scaled to the depth)")
+    k: int | None = Field(None, ge=1, le=UINT32_MAX, description="decoder layer (default 18 of 28, scaled to the depth)")
     r: float | None = Field(None, gt=0.0, lt=1.0, description="share of visual tokens merged away (default 0.5)")
 
 
@@ -70,7 +72,7 @@ class VideoOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_frames: int | None = Field(None, ge=1, description="frames sampled uniformly over the clip")
+    num_frames: int | None = Field(None, ge=1, le=UINT32_MAX, description="frames sampled uniformly over the clip")
     compression: CompressionOverrides | None = None
 
 
@@ -79,11 +81,11 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy (the default)")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 = off")
+    top_k: int = Field(0, ge=0, le=UINT32_MAX, description="0 = off")
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=1, description="only one choice per request")

@@ -258,6 +258,12 @@ def test_an_unknown_model_name_gets_404(gateway, clean_redis, small_mp4):
         pytest.param({"videollm": {"compression": {"method": "zip"}}}, "videollm.compression.method",
                      id="unknown compression method"),
         pytest.param({"messages": []}, "messages", id="no messages"),
+        # beyond the uint32 fields of the gRPC hops (found by the fuzz test): a 400, not a 500
+        pytest.param({"max_completion_tokens": 13593480161152100}, "max_completion_tokens", id="huge max tokens"),
+        pytest.param({"top_k": 2**32}, "top_k", id="huge top_k"),
+        pytest.param({"videollm": {"num_frames": 2**40}}, "videollm.num_frames", id="huge num_frames"),
+        pytest.param({"videollm": {"compression": {"inner": {"k": 2**33}}}}, "videollm.compression.inner.k",
+                     id="huge inner layer"),
     ],
 )
 def test_an_invalid_parameter_gets_400_naming_it(gateway, clean_redis, small_mp4, fields, param):
