@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,42 +35,30 @@ def test_the_package_is_versioned():
     assert encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name == "videollm.v1.Encoder"
 
 
-def test_the_encoder_registration_serves_every_method_of_the_service():
+
+@pytest.mark.parametrize("service", ["Encoder", "LLM"])
+def test_our_registration_serves_every_method_of_the_service(service):
+    """Both services register their handlers by hand (streams carry pre-serialized chunks)."""
     import grpc
 
     from encoder_service import server as encoder_server
-    from protos.videollm.v1 import encoder_pb2
-
-    class Recorder:
-        def add_generic_rpc_handlers(self, handlers):
-            self.handlers = handlers
-
-    recorder = Recorder()
-    encoder_server.add_to_server(object.__new__(encoder_server.EncoderServicer), recorder)
-    (handler,) = recorder.handlers
-    methods = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].methods
-    for method in methods:
-        details = type("Details", (), {"method": f"/{encoder_server.SERVICE_NAME}/{method.name}"})()
-        found = handler.service(details)
-        assert isinstance(found, grpc.RpcMethodHandler), method.name
-        assert found.response_streaming == method.server_streaming
-
-
-def test_the_llm_registration_serves_every_method_of_the_service():
-    import grpc
-
     from llm_service import server as llm_server
-    from protos.videollm.v1 import llm_pb2
+    from protos.videollm.v1 import encoder_pb2, llm_pb2
+
+    module, servicer_cls, descriptor = {
+        "Encoder": (encoder_server, encoder_server.EncoderServicer, encoder_pb2.DESCRIPTOR),
+        "LLM": (llm_server, llm_server.LLMServicer, llm_pb2.DESCRIPTOR),
+    }[service]
 
     class Recorder:
         def add_generic_rpc_handlers(self, handlers):
             self.handlers = handlers
 
     recorder = Recorder()
-    llm_server.add_to_server(object.__new__(llm_server.LLMServicer), recorder)
+    module.add_to_server(object.__new__(servicer_cls), recorder)
     (handler,) = recorder.handlers
-    for method in llm_pb2.DESCRIPTOR.services_by_name["LLM"].methods:
-        details = type("Details", (), {"method": f"/{llm_server.SERVICE_NAME}/{method.name}"})()
+    for method in descriptor.services_by_name[service].methods:
+        details = type("Details", (), {"method": f"/{module.SERVICE_NAME}/{method.name}"})()
         found = handler.service(details)
         assert isinstance(found, grpc.RpcMethodHandler), method.name
         assert (found.request_streaming, found.response_streaming) == (method.client_streaming,
