@@ -8,13 +8,11 @@ functions of encoder_service.earlytom, so a drift of either shows up as a mismat
 
 from __future__ import annotations
 
-import io
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -24,7 +22,7 @@ from encoder_service import earlytom
 from encoder_service.video_decode import decode_video
 from encoder_service.vision import VisionEncoder
 from videollm.settings import CompressionSettings
-from videos import make_scene_cut_video, make_video, moving_frames, scene_cut_frames, still_frames
+from videos import encode, make_scene_cut_video, make_video, moving_frames, scene_cut_frames, still_frames
 
 DEPTH = 26
 GRID, POOLED, TOKENS = 27, 14, 196
@@ -638,19 +636,6 @@ def video_pixels(engine):
     return to_pixels(engine, decoded.frames)
 
 
-def encode_lossless(frames: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=24, options={"qp": "0"})
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv444p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
-
-
 # -- Stage I against the reference ---------------------------------------------------------------
 
 
@@ -760,7 +745,7 @@ def test_token_budget_and_later_layers_run_on_fewer_frames(engine, video_pixels,
 
 
 def test_a_still_clip_merges_as_predicted(engine):
-    video = encode_lossless(still_frames(32))
+    video = encode(still_frames(32), "mp4-lossless")
     decoded = decode_video(video, 16, engine.limits)
     assert all(np.array_equal(frame, decoded.frames[0]) for frame in decoded.frames)  # lossless, truly still
     settings = CompressionSettings()

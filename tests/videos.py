@@ -9,6 +9,7 @@ import numpy as np
 
 CONTAINERS = {  # format -> (container format, codec, pixel format)
     "mp4": ("mp4", "libx264", "yuv420p"),
+    "mp4-lossless": ("mp4", "libx264", "yuv444p"),  # with qp 0: decodes to exactly the frames given
     "webm": ("webm", "libvpx", "yuv420p"),
     "mov": ("mov", "libx264", "yuv420p"),
     "avi": ("avi", "mpeg4", "yuv420p"),
@@ -34,7 +35,7 @@ def encode(frames: np.ndarray, fmt: str = "mp4", fps: int = 24) -> bytes:
     container_format, codec, pix_fmt = CONTAINERS[fmt]
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format=container_format) as container:
-        stream = container.add_stream(codec, rate=fps)
+        stream = container.add_stream(codec, rate=fps, options={"qp": "0"} if fmt == "mp4-lossless" else None)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = pix_fmt
         for frame in frames:
