@@ -250,6 +250,16 @@ def _pyplot():
     return plt
 
 
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_size: int) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def plot(results: dict, path: Path) -> bool:
     if (plt := _pyplot()) is None:
         return False
@@ -264,13 +274,8 @@ def plot(results: dict, path: Path) -> bool:
         ax.plot([b["visual_tokens"]], [b["ttft_ms"]], "k*", markersize=12)
         ax.annotate(f"transformers, {b['frames']} frames", (b["visual_tokens"], b["ttft_ms"]),
                     textcoords="offset points", xytext=(-60, 8))
-    ax.set_xlabel("visual tokens sent to the LLM")
-    ax.set_ylabel("time to first token, ms")
-    ax.set_title(f"TTFT vs retained tokens ({results['shape']}, {results['environment']['gpu']})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _finish(fig, ax, path, "visual tokens sent to the LLM", "time to first token, ms",
+            f"TTFT vs retained tokens ({results['shape']}, {results['environment']['gpu']})", legend_size=8)
     return True
 
 
@@ -287,13 +292,8 @@ def plot_throughput(results: dict, path: Path) -> bool:
     if base:
         ax.plot([b["clients"] for b in base], [b["rps"] for b in base], "k*--", label="transformers, one GPU")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrent clients")
-    ax.set_ylabel("requests per second")
-    ax.set_title(f"Throughput ({results['shape']}, {results['environment']['gpu']})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _finish(fig, ax, path, "concurrent clients", "requests per second",
+            f"Throughput ({results['shape']}, {results['environment']['gpu']})", legend_size=7)
     return True
 
 
