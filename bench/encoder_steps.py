@@ -1,0 +1,122 @@
+"""Time the encoder service's parts alone, on the benchmark clip
+(python -m bench.encoder_steps --shape 7b --device cuda).
+
+No gRPC, no gateway: decoding, preprocessing, the SigLIP tower with EarlyTom, projector and
+selection, and the copy of the tokens to the host, each the median over repeats, beside the
+tower's FLOP floor. --profile prints the device kernels that take the most time in one encode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bench.checkpoint import SHAPES, build_checkpoint
+from bench.video import benchmark_clip
+
+PARTS = ("decode_ms", "preprocess_ms", "vision_ms", "stage1_ms", "importance_ms", "projector_ms", "stage2_ms",
+         "total_ms")
+
+
+def _run_layer(layer, hidden: torch.Tensor) -> torch.Tensor:
+    out = layer(hidden, None)
+    return out[0] if isinstance(out, tuple) else out  # [T, S, D]
+
+
+def _tower_ms(vision, pixels: torch.Tensor, repeats: int, run_layer=_run_layer) -> float:
+    """The tower's layers alone on [T, 3, H, W], no compression: median ms."""
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            torch.cuda.synchronize() if pixels.is_cuda else None
+            start = time.perf_counter()
+            hidden = vision.tower.embeddings(pixels)
+            for layer in vision.tower.encoder.layers[: vision.layers_to_run]:
+                hidden = run_layer(layer, hidden)
+            torch.cuda.synchronize() if pixels.is_cuda else None
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[1:])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.encoder_steps", description=__doc__)
+    parser.add_argument("--shape", choices=SHAPES, default="7b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--checkpoint-dir", type=Path, default=Path("bench_out/ckpt"))
+    parser.add_argument("--frames", default="32,64")
+    parser.add_argument("--retain", default="1.0,0.1")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--profile", action="store_true", help="print the top device kernels of one encode")
+    parser.add_argument("--compile", action="store_true", help="also time the tower with torch.compile'd layers")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+
+    from encoder_service.engine import EncoderEngine
+    from encoder_service.video_decode import decode_video
+    from videollm.flops import encoder_flops
+    from videollm.settings import CompressionSettings, EncoderSettings
+
+    model_dir = build_checkpoint(args.shape, args.checkpoint_dir, args.device)
+    engine = EncoderEngine(EncoderSettings(model=model_dir, device=args.device, max_frames=128))
+    clip = benchmark_clip()
+    rows = []
+    for frames in (int(x) for x in args.frames.split(",")):
+        for retain in (float(x) for x in args.retain.split(",")):
+            settings = CompressionSettings(retain_ratio=retain) if retain < 1.0 else CompressionSettings(method="none")
+            results = [engine.encode(clip, frames, settings) for _ in range(args.repeats + 1)][1:]
+            row = {"frames": frames, "retain": retain, "merged": results[0].trace.frames_after_merge,
+                   "tokens": results[0].tokens.shape[0]}
+            for part in PARTS:
+                row[part] = statistics.median(getattr(r.timings, part) for r in results)
+            rows.append(row)
+        decoded = decode_video(clip, frames, engine.limits).frames  # [T, H, W, 3]
+        pixels = engine.processor(videos=[decoded], return_tensors="pt")[
+            "pixel_values_videos"][0].to(engine.vision.device, engine.vision.dtype)  # [T, 3, H, W]
+        tower = _tower_ms(engine.vision, pixels, args.repeats)
+        vc = engine.vision.config.vision_config
+        flops = encoder_flops(vc, 0, [frames] * engine.vision.layers_to_run, 0)
+        rows.append({"frames": frames, "retain": "tower only", "tower_ms": tower, "tower_tflops": flops / tower / 1e9})
+        if args.compile:
+            compiled = torch.compile(_run_layer, dynamic=True)
+            start = time.perf_counter()
+            _tower_ms(engine.vision, pixels, 1, compiled)
+            warm_s = time.perf_counter() - start
+            tower = _tower_ms(engine.vision, pixels, args.repeats, compiled)
+            rows.append({"frames": frames, "retain": f"tower compiled (first run {warm_s:.0f} s)", "tower_ms": tower,
+                         "tower_tflops": flops / tower / 1e9})
+
+    device = engine.vision.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{args.shape} encoder on {device} ({name}), torch {torch.__version__}, "
+          f"attention {engine.vision.tower.config._attn_implementation}")
+    print("\n| frames | retain | merged | tokens | " + " | ".join(PARTS) + " |")
+    print("|---" * (4 + len(PARTS)) + "|")
+    for row in rows:
+        if "tower_ms" in row:
+            continue
+        print(f"| {row['frames']} | {row['retain']} | {row['merged']} | {row['tokens']} | "
+              + " | ".join(f"{row[p]:.1f}" for p in PARTS) + " |")
+    print("\n| frames | tower layers alone | ms | TFLOP/s |\n|---|---|---|---|")
+    for row in rows:
+        if "tower_ms" in row:
+            print(f"| {row['frames']} | {row['retain']} | {row['tower_ms']:.1f} | {row['tower_tflops']:.0f} |")
+    if args.profile and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        settings = CompressionSettings(retain_ratio=0.1)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            engine.encode(clip, 32, settings)
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
