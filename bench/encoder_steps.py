@@ -23,12 +23,7 @@ PARTS = ("decode_ms", "preprocess_ms", "vision_ms", "stage1_ms", "importance_ms"
          "total_ms")
 
 
-def _run_layer(layer, hidden: torch.Tensor) -> torch.Tensor:
-    out = layer(hidden, None)
-    return out[0] if isinstance(out, tuple) else out  # [T, S, D]
-
-
-def _tower_ms(vision, pixels: torch.Tensor, repeats: int, run_layer=_run_layer) -> float:
+def _tower_ms(vision, pixels: torch.Tensor, repeats: int, run_layer) -> float:
     """The tower's layers alone on [T, 3, H, W], no compression: median ms."""
     times = []
     with torch.inference_mode():
@@ -52,17 +47,19 @@ def main(argv=None) -> int:
     parser.add_argument("--retain", default="1.0,0.1")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="print the top device kernels of one encode")
-    parser.add_argument("--compile", action="store_true", help="also time the tower with torch.compile'd layers")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
     from encoder_service.engine import EncoderEngine
     from encoder_service.video_decode import decode_video
+    from encoder_service.vision import _layer_forward
     from videollm.flops import encoder_flops
     from videollm.settings import CompressionSettings, EncoderSettings
 
     model_dir = build_checkpoint(args.shape, args.checkpoint_dir, args.device)
+    start = time.perf_counter()
     engine = EncoderEngine(EncoderSettings(model=model_dir, device=args.device, max_frames=128))
+    load_s = time.perf_counter() - start
     clip = benchmark_clip()
     rows = []
     for frames in (int(x) for x in args.frames.split(",")):
@@ -77,23 +74,15 @@ def main(argv=None) -> int:
         decoded = decode_video(clip, frames, engine.limits).frames  # [T, H, W, 3]
         pixels = engine.processor(videos=[decoded], return_tensors="pt")[
             "pixel_values_videos"][0].to(engine.vision.device, engine.vision.dtype)  # [T, 3, H, W]
-        tower = _tower_ms(engine.vision, pixels, args.repeats)
-        vc = engine.vision.config.vision_config
-        flops = encoder_flops(vc, 0, [frames] * engine.vision.layers_to_run, 0)
-        rows.append({"frames": frames, "retain": "tower only", "tower_ms": tower, "tower_tflops": flops / tower / 1e9})
-        if args.compile:
-            compiled = torch.compile(_run_layer, dynamic=True)
-            start = time.perf_counter()
-            _tower_ms(engine.vision, pixels, 1, compiled)
-            warm_s = time.perf_counter() - start
-            tower = _tower_ms(engine.vision, pixels, args.repeats, compiled)
-            rows.append({"frames": frames, "retain": f"tower compiled (first run {warm_s:.0f} s)", "tower_ms": tower,
-                         "tower_tflops": flops / tower / 1e9})
+        flops = encoder_flops(engine.vision.config.vision_config, 0, [frames] * engine.vision.layers_to_run, 0)
+        for name, run_layer in (("as served", engine.vision.run_layer), ("eager", _layer_forward)):
+            tower = _tower_ms(engine.vision, pixels, args.repeats, run_layer)
+            rows.append({"frames": frames, "retain": name, "tower_ms": tower, "tower_tflops": flops / tower / 1e9})
 
     device = engine.vision.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.shape} encoder on {device} ({name}), torch {torch.__version__}, "
-          f"attention {engine.vision.tower.config._attn_implementation}")
+          f"attention {engine.vision.tower.config._attn_implementation}, engine ready in {load_s:.1f} s")
     print("\n| frames | retain | merged | tokens | " + " | ".join(PARTS) + " |")
     print("|---" * (4 + len(PARTS)) + "|")
     for row in rows:

