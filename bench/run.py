@@ -129,10 +129,35 @@ async def latency_matrix(url: str, redis_url: str, clip: bytes, args) -> list[di
                     "decode_tokens_per_s": median(s.videollm["decode_tokens_per_s"] for s in misses + hits),
                     "completion_tokens": misses[-1].completion_tokens,
                     "flops": meta.get("flops"),
+                    "miss_parts_ms": miss_parts(misses),
                 })
                 print(f"  {frames} frames, retain {retain}: {json.dumps(rows[-1], default=str)[:300]}", flush=True)
     store.close()
     return rows
+
+
+def miss_parts(misses) -> dict:
+    """Where a miss's TTFT goes, hop by hop (medians): what the client sees beyond the gateway (upload,
+    body parsing, SSE), the gateway before the Encode call, the Encode call (the encoder's own total
+    inside it), the gateway between header and Generate call, and the Generate call to the first
+    token (the LLM's own TTFT, hand-off and prefill inside it)."""
+    def med(fn):
+        return statistics.median(fn(s, s.videollm["timings_ms"], s.videollm["encoder_timings_ms"]) for s in misses)
+
+    return {
+        "client_beyond_gateway": med(lambda s, t, e: s.ttft_ms - t["ttft"]),
+        "gateway_in": med(lambda s, t, e: t["gateway_in"]),
+        "encode_call": med(lambda s, t, e: t["encode_call"]),
+        "encoder_total": med(lambda s, t, e: e["total"]),
+        "encoder_decode": med(lambda s, t, e: e["decode"]),
+        "encoder_vision": med(lambda s, t, e: e["vision"]),
+        "encoder_projector": med(lambda s, t, e: e["projector"]),
+        "header_to_llm_call": med(lambda s, t, e: t["to_llm_call"] - t["gateway_in"] - t["encode_call"]),
+        "llm_call": med(lambda s, t, e: t["ttft"] - t["to_llm_call"]),
+        "llm_ttft": med(lambda s, t, e: t["llm_ttft"]),
+        "handoff": med(lambda s, t, e: t["handoff"]),
+        "prefill": med(lambda s, t, e: t["prefill"]),
+    }
 
 
 async def throughput(url: str, redis_url: str, clip: bytes, args, counter: list[int]) -> list[dict]:
@@ -208,6 +233,17 @@ def report(results: dict) -> str:
             f"{row['ttft_miss_ms']:.1f} | {row['ttft_hit_ms']:.1f} | {row['encode_ms']:.1f} | {row['prefill_ms']:.1f} | "
             f"{row['handoff_miss_ms']:.1f}/{row['handoff_hit_ms']:.1f} | "
             f"{row['gateway_ttft_hit_ms']:.1f}/{row['llm_ttft_hit_ms']:.1f} | {row['decode_tokens_per_s']:.1f} | {compared} |")
+    parts = [row for row in results["placements"][0].get("latency", []) if "miss_parts_ms" in row]
+    if parts:
+        names = list(parts[0]["miss_parts_ms"])
+        lines += ["", "## Where a miss's TTFT goes (medians, ms)", "",
+                  "client beyond gateway = upload, body parsing and SSE; encode call holds the encoder's total "
+                  "(decode, vision, projector inside it); LLM call holds the LLM's TTFT (hand-off, prefill inside it).",
+                  "", "| frames | retain | TTFT miss | " + " | ".join(n.replace("_", " ") for n in names) + " |",
+                  "|---" * (3 + len(names)) + "|"]
+        for row in parts:
+            lines.append(f"| {row['frames']} | {row['retain']} | {row['ttft_miss_ms']:.1f} | "
+                         + " | ".join(f"{row['miss_parts_ms'][n]:.1f}" for n in names) + " |")
     if baseline:
         lines += ["", "## Baseline: transformers' monolithic `generate`, full tokens", "",
                   "| frames | visual tokens | TTFT ms | decode+preprocess ms | vision ms | prefill ms | decode ms/token | "

@@ -171,6 +171,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             sampling.seed = body.seed
         return ChatRequest(messages, sampling, video, inner)
 
+    def since(start: float | None, end: float | None) -> float | None:
+        return round((end - start) * 1e3, 3) if start is not None and end is not None else None
+
     def videollm_object(outcome: Outcome, received_at: float) -> dict:
         header, final = outcome.header, outcome.final
         now = time.perf_counter()
@@ -185,6 +188,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             "llm_queue": round(final.timings.queue_ms, 3) if final else None,
             # from the LLM call's start until the whole visual tensor arrived there and was checked
             "handoff": round(final.timings.receive_ms, 3) if final else None,
+            # the gateway's hops: request in -> Encode call (validation, hashing, cache lookup), the
+            # Encode call until its header (encoder and gRPC), request in -> Generate call
+            "gateway_in": since(received_at, outcome.encode_called_at),
+            "encode_call": since(outcome.encode_called_at, outcome.encode_header_at),
+            "to_llm_call": since(received_at, outcome.llm_called_at),
         }
         body = {
             "cache": outcome.cache,

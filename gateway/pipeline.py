@@ -73,6 +73,10 @@ class Outcome:
     header: encoder_pb2.EncodeHeader | None = None
     final: llm_pb2.GenerateFinal | None = None
     first_token_at: float | None = None
+    # time.perf_counter() marks of the gateway's own hops (None when the hop did not happen)
+    encode_called_at: float | None = None  # Encode call made (a miss)
+    encode_header_at: float | None = None  # its header arrived: the tokens exist
+    llm_called_at: float | None = None  # Generate call made on the replica that answered
 
 
 class EncodeRelay:
@@ -276,7 +280,9 @@ class Pipeline:
         if waiting is not None:  # someone is encoding the same video with the same settings
             return VisualSource.in_memory(key, await asyncio.shield(waiting))
         try:
+            outcome.encode_called_at = time.perf_counter()
             call, header, address = await self._open_encode(request, frames, compression, timeout_s)
+            outcome.encode_header_at = time.perf_counter()
         except BaseException as err:
             self.single_flight.finish(key, error=err)
             raise
@@ -350,6 +356,7 @@ class Pipeline:
                 # the video's prefix (only the replica that answered about it last can) or pull them itself.
                 ask_first = replica.address == holder or setup.HasField("pull")
                 need_visual = asyncio.get_running_loop().create_future() if ask_first else None
+                outcome.llm_called_at = time.perf_counter()
                 call = replica.stub.Generate(_generate_requests(setup, chunks, need_visual),
                                              timeout=request.remaining_s())
                 try:

@@ -24,11 +24,16 @@ def test_the_benchmark_runs_on_the_cpu_and_fills_every_table(tmp_path):
     for row in latency:
         assert all(row[key] is not None and row[key] == row[key] for key in
                    ("ttft_miss_ms", "ttft_hit_ms", "encode_ms", "prefill_ms", "decode_tokens_per_s"))
+        parts = row["miss_parts_ms"]  # the hops nest: each call holds the service's own time
+        assert all(value is not None and value >= 0 for value in parts.values()), parts
+        assert parts["encode_call"] >= parts["encoder_total"] >= parts["encoder_decode"]
+        assert parts["llm_call"] >= parts["llm_ttft"] >= parts["prefill"]
+        assert row["ttft_miss_ms"] >= parts["gateway_in"] + parts["encode_call"] + parts["llm_call"]
     throughput = results["placements"][0]["throughput"]
     assert [(row["clients"], row["requests"], row["errors"]) for row in throughput] == [(1, 1, 0), (2, 2, 0)]
     assert [b["frames"] for b in results["baseline"]] == [4]
     assert len(results["baseline_throughput"]) == 2
     table = (out / "results.md").read_text()
-    assert table.count("\n| 4 | ") == 3  # two latency rows and one baseline row
+    assert table.count("\n| 4 | ") == 5  # two latency rows, two rows of where the TTFT goes, one baseline row
     assert "| 0/0 | 0.1 | 2 | 2 | 0 |" in table
     assert " - |" not in table.split("## Throughput")[0]  # every latency row has its baseline ratio
