@@ -205,17 +205,16 @@ class LLMEngine:
                 settings = InnerMergeSettings.resolve(self.lm.model.config.num_hidden_layers, *request.inner)
                 merge = StageThree(settings, ids.index(self.lm.video_token_id), request.visual.shape[0])
             return runner.prefill(slot, self._embed(ids, request.visual), 0, merge)
-        # The chat up to and including the video is prefilled once per replica; then only the rest.
+        # The chat up to and including the video is kept once per replica; repeat questions prefill only the rest.
         at = ids.index(self.lm.video_token_id)
         entry = request.prefix_entry or self.prefixes.get(prefix)
         if entry is None:
             if request.visual is None:
                 raise GenerateRequestError("the video's prefix was evicted; send the visual tokens again")
-            runner.prefill(slot, self._embed(ids[: at + 1], request.visual), 0)
-            entry = PrefixKV(*runner.read(slot))
-            self.prefixes.put(prefix, entry)
-        else:
-            runner.write(slot, entry.layers, entry.position)
+            logits = runner.prefill(slot, self._embed(ids, request.visual), 0)  # the whole prompt, one pass
+            self.prefixes.put(prefix, PrefixKV(*runner.read_prefix(slot, at + request.visual.shape[0])))
+            return logits
+        runner.write(slot, entry.layers, entry.position)
         return runner.prefill(slot, self._embed(ids[at + 1 :], None), entry.position)
 
     def generate(self, request: GenerationRequest) -> Iterator[Delta | Final]:

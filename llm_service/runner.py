@@ -261,6 +261,13 @@ class ModelRunner:
             layers.append((self.keys[index][slot, :, :rows].clone(), self.values[index][slot, :, :rows].clone()))
         return layers, int(self.positions[slot])
 
+    def read_prefix(self, slot: int, rows: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """Like `read`, the first `rows` tokens only, of a slot filled by a plain prefill (every layer
+        holds every token, so the next position is `rows`)."""
+        layers = [(keys[slot, :, :rows].clone(), values[slot, :, :rows].clone())
+                  for keys, values in zip(self.keys, self.values)]  # [H_kv, rows, dh] each
+        return layers, rows
+
     def write(self, slot: int, layers: list[tuple[torch.Tensor, torch.Tensor]], position: int) -> None:
         """Fill an empty slot with keys and values from `read`."""
         for index, (keys, values) in enumerate(layers):
