@@ -71,7 +71,8 @@ def add_to_server(servicer: EncoderServicer, server: grpc.Server) -> None:
 class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     def __init__(self, engine: EncoderEngine):
         self.engine = engine
-        self.pulls = PullStore(engine.settings.pull_buffer_bytes, engine.settings.pull_ttl_s)
+        self.pulls = PullStore(engine.settings.pull_buffer_bytes, engine.settings.pull_ttl_s,
+                               engine.settings.pull_shm_path())
 
     def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.ServicerContext):
         try:
@@ -85,17 +86,18 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         except Overloaded as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         payload = wire.tensor_bytes(result.tokens)
-        header = header_for(result, wire.describe(result.tokens, payload), self.engine.model_id, self.pulls.put(payload))
+        ticket = self.pulls.put(payload) if request.offer_pull else ""
+        header = header_for(result, wire.describe(result.tokens, payload), self.engine.model_id, ticket)
         yield encoder_pb2.EncodeResponse(header=header)
         yield from _chunk_responses(payload)
 
     def Pull(self, request: encoder_pb2.PullRequest, context: grpc.ServicerContext):
-        payload = self.pulls.take(request.ticket)
+        payload = self.pulls.take(request.ticket)  # [bytes]
         if payload is None:
             context.abort(grpc.StatusCode.NOT_FOUND,
                           "no tokens under this ticket here (used, expired, or another replica); "
                           "send them with the Generate call instead")
-        yield from _chunk_responses(payload)
+        yield from _chunk_responses(memoryview(payload))
 
     def Info(self, request, context):
         settings = self.engine.settings
@@ -125,5 +127,9 @@ def start(settings: EncoderSettings, engine: EncoderEngine | None = None, servic
 
 
 def serve(settings: EncoderSettings) -> None:
-    server, health, _ = start(settings)
-    run_until_signalled(server, health, [SERVICE_NAME])
+    servicer = EncoderServicer(EncoderEngine(settings))
+    server, health, _ = start(settings, servicer=servicer)
+    try:
+        run_until_signalled(server, health, [SERVICE_NAME])
+    finally:
+        servicer.pulls.close()  # no token files left in shared memory

@@ -240,6 +240,7 @@ class Pipeline:
             video=request.video.data,
             sampling=encoder_pb2.FrameSampling(num_frames=frames),
             compression=compression_to_proto(compression),
+            offer_pull=self.settings.direct_pull and self.settings.grpc_tls_ca is None,
         )
         tried: set[str] = set()
         while (replica := self.encoders.pick(exclude=tried)) is not None:
@@ -287,7 +288,7 @@ class Pipeline:
             self.single_flight.finish(key, error=err)
             raise
         pull = None
-        if header.pull_ticket and self.settings.direct_pull and self.settings.grpc_tls_ca is None:
+        if header.pull_ticket:
             pull = llm_pb2.VisualPull(address=address, ticket=header.pull_ticket)
         relay = EncodeRelay(call, header, hold=pull is not None)
         relay.done.add_done_callback(

@@ -1,22 +1,25 @@
-"""Taking visual tokens straight from the encoder that produced them (Encoder.Pull).
+"""Taking visual tokens straight from the encoder that produced them.
 
 One hop instead of two: the gateway names the encoder replica and the ticket in the
-GenerateSetup, and the LLM reads the same TensorChunk stream the gateway would have relayed,
-checking length and CRC-32 against the header. Any failure (the encoder gone, the ticket used or
-expired, a damaged stream) returns None, and the caller asks the gateway for the tokens instead.
-Pulls use plaintext gRPC; a gateway that reaches its services over TLS does not offer them.
+GenerateSetup. On the same host (a shared memory directory both services name, see
+videollm.pull_files) the LLM takes the ticket's file without any gRPC; otherwise it reads the same
+TensorChunk stream the gateway would have relayed (Encoder.Pull). Either way length and CRC-32 are
+checked against the header. Any failure (the encoder gone, the ticket used or expired, a damaged
+stream) returns None, and the caller asks the gateway for the tokens instead. Pulls use plaintext
+gRPC; a gateway that reaches its services over TLS does not offer them.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 import grpc
 import torch
 
 from protos.videollm.v1 import encoder_pb2, llm_pb2, tensor_pb2
-from videollm import wire
+from videollm import pull_files, wire
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +27,14 @@ CHUNK_FIELD = encoder_pb2.EncodeResponse.DESCRIPTOR.fields_by_name["chunk"].numb
 
 
 class EncoderPuller:
-    def __init__(self, max_bytes: int, timeout_s: float):
+    def __init__(self, max_bytes: int, timeout_s: float, shm_dir: Path | None = None):
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.shm_dir = shm_dir if shm_dir is not None and shm_dir.is_dir() else None
         self._pulls: dict[str, grpc.UnaryStreamMultiCallable] = {}
         self._lock = threading.Lock()
         self.pulled = 0
+        self.from_shared_memory = 0
         self.failed = 0
 
     def _pull_call(self, address: str) -> grpc.UnaryStreamMultiCallable:
@@ -49,15 +54,25 @@ class EncoderPuller:
     def pull(self, header: tensor_pb2.TensorHeader, source: llm_pb2.VisualPull) -> torch.Tensor | None:
         """The tensor described by header, from the encoder at source.address, or None."""
         try:
+            if self.shm_dir is not None:
+                payload = pull_files.take(self.shm_dir, source.ticket, wire.checked_size(header, self.max_bytes))
+                if payload is not None:
+                    tensor = wire.tensor_from_payload(header, payload, self.max_bytes)  # [N, D]
+                    with self._lock:
+                        self.pulled += 1
+                        self.from_shared_memory += 1
+                    return tensor
             assembler = wire.TensorAssembler(header, self.max_bytes)
             for data in self._pull_call(source.address)(encoder_pb2.PullRequest(ticket=source.ticket),
                                                         timeout=self.timeout_s):
                 assembler.add(data)
             tensor = assembler.tensor()  # [N, D]
-        except (grpc.RpcError, wire.WireError) as err:
-            self.failed += 1
+        except (grpc.RpcError, wire.WireError, pull_files.PullFileError, OSError) as err:
+            with self._lock:
+                self.failed += 1
             detail = err.details() if isinstance(err, grpc.RpcError) else str(err)
             log.info("pull from %s failed (%s); the tokens come through the gateway", source.address, detail)
             return None
-        self.pulled += 1
+        with self._lock:
+            self.pulled += 1
         return tensor

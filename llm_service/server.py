@@ -65,7 +65,8 @@ def final_to_proto(final) -> llm_pb2.GenerateResponse:
 class LLMServicer(llm_pb2_grpc.LLMServicer):
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self.puller = EncoderPuller(engine.settings.max_visual_bytes, engine.settings.pull_timeout_s)
+        self.puller = EncoderPuller(engine.settings.max_visual_bytes, engine.settings.pull_timeout_s,
+                                    engine.settings.pull_shm_path())
 
     def _request_from_setup(self, setup: llm_pb2.GenerateSetup, context, arrived: float) -> GenerationRequest:
         cancelled = threading.Event()
@@ -135,6 +136,7 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
             peak_memory_bytes=peak_memory_bytes(self.engine.lm.device),
             visual_pulls=self.puller.pulled,
             visual_pull_fallbacks=self.puller.failed,
+            visual_pulls_shared_memory=self.puller.from_shared_memory,
             decode_slots=self.engine.runner.slots,
             active_sequences=self.engine.batcher.active,
             waiting_sequences=self.engine.batcher.waiting,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
+import zlib
+from pathlib import Path
 
 import grpc
 import httpx
@@ -12,10 +15,17 @@ from conftest import GatewayServer, free_port, gateway_settings
 from encoder_service.engine import EncoderEngine
 from encoder_service.pull_store import PullStore
 from encoder_service.server import start as start_encoder
+from llm_service.engine import LLMEngine
+from llm_service.pull import EncoderPuller
+from llm_service.server import start as start_llm
 from helpers import data_url, video_chat
-from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, llm_pb2, llm_pb2_grpc
-from videollm.settings import EncoderSettings
+from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, llm_pb2, llm_pb2_grpc, tensor_pb2
+from videollm import pull_files
+from videollm.settings import EncoderSettings, LLMSettings
 from videos import make_video
+
+
+SHM = Path(LLMSettings.model_fields["pull_shm_dir"].default)  # where the services of these tests meet
 
 
 def llm_info(address: str) -> llm_pb2.LLMInfo:
@@ -35,30 +45,57 @@ def answer(gateway_url: str, video: str, seed_question: str) -> httpx.Response:
     return response
 
 
-def test_a_miss_is_pulled_by_the_llm_and_answers_as_when_relayed(encoder_service, llm_service, redis_server,
-                                                                 clean_redis):
+def pull_files_left() -> set[Path]:
+    return set(SHM.glob(f"{pull_files.PREFIX}*"))
+
+
+def test_a_miss_is_pulled_by_the_llm_and_answers_as_when_relayed(encoder_service, llm_service, llm_over_grpc,
+                                                                 redis_server, clean_redis):
     video = data_url(make_video("mp4", seed=501))
+    files_before = pull_files_left()
     before_llm, before_encoder = llm_info(llm_service.address), encoder_info(encoder_service.address)
     settings = gateway_settings([encoder_service.address], [llm_service.address], None)  # no cache: all misses
     with GatewayServer(settings) as gateway:
-        pulled = answer(gateway.url, video, "What moves?")
+        from_memory = answer(gateway.url, video, "What moves?")
     after_llm, after_encoder = llm_info(llm_service.address), encoder_info(encoder_service.address)
-    assert pulled.headers["x-videollm-cache"] == "miss"
+    assert from_memory.headers["x-videollm-cache"] == "miss"
+    # same host: the LLM took the encoder's file in shared memory, no gRPC pull, no file left behind
     assert after_llm.visual_pulls == before_llm.visual_pulls + 1
+    assert after_llm.visual_pulls_shared_memory == before_llm.visual_pulls_shared_memory + 1
     assert after_llm.visual_pull_fallbacks == before_llm.visual_pull_fallbacks
-    assert after_encoder.pulls_served == before_encoder.pulls_served + 1
+    assert after_encoder.pulls_served == before_encoder.pulls_served
+    assert pull_files_left() == files_before
+
+    # an LLM that shares no directory with the encoder pulls the same file over gRPC
+    over_grpc = settings.model_copy(update={"port": free_port(), "llms": [llm_over_grpc]})
+    with GatewayServer(over_grpc) as gateway:
+        pulled = answer(gateway.url, video, "What moves?")
+    grpc_llm = llm_info(llm_over_grpc)
+    assert (grpc_llm.visual_pulls, grpc_llm.visual_pulls_shared_memory, grpc_llm.visual_pull_fallbacks) == (1, 0, 0)
+    assert encoder_info(encoder_service.address).pulls_served == after_encoder.pulls_served + 1
+    assert pull_files_left() == files_before
 
     relay_only = settings.model_copy(update={"port": free_port(), "direct_pull": False})
     with GatewayServer(relay_only) as gateway:
         relayed = answer(gateway.url, video, "What moves?")
     assert llm_info(llm_service.address).visual_pulls == after_llm.visual_pulls  # not offered
-    assert relayed.json()["choices"][0]["message"] == pulled.json()["choices"][0]["message"]
+    message = relayed.json()["choices"][0]["message"]
+    assert from_memory.json()["choices"][0]["message"] == message == pulled.json()["choices"][0]["message"]
+
+
+@pytest.fixture
+def llm_over_grpc(tiny_model_dir):
+    """An LLM service that shares no memory directory with the encoder: it pulls over gRPC."""
+    settings = LLMSettings(model=tiny_model_dir, port=0, pull_shm_dir="")
+    server, _, port = start_llm(settings, LLMEngine(settings))
+    yield f"127.0.0.1:{port}"
+    server.stop(None)
 
 
 @pytest.fixture
 def forgetful_encoder(tiny_model_dir):
-    """An encoder whose tokens expire before anyone can pull them."""
-    settings = EncoderSettings(model=tiny_model_dir, port=0, pull_ttl_s=1e-9)
+    """An encoder whose tokens expire before anyone can pull them (kept in its memory, not in files)."""
+    settings = EncoderSettings(model=tiny_model_dir, port=0, pull_ttl_s=1e-9, pull_shm_dir="")
     server, _, port = start_encoder(settings, EncoderEngine(settings))
     yield f"127.0.0.1:{port}"
     server.stop(None)
@@ -82,7 +119,11 @@ def test_a_failed_pull_falls_back_to_the_gateway(forgetful_encoder, llm_service,
 def test_a_ticket_is_taken_once_and_unknown_tickets_are_not_found(encoder_service):
     with grpc.insecure_channel(encoder_service.address, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
         stub = encoder_pb2_grpc.EncoderStub(ch)
-        responses = list(stub.Encode(encoder_pb2.EncodeRequest(video=make_video("mp4", seed=503),
+        unoffered = list(stub.Encode(encoder_pb2.EncodeRequest(video=make_video("mp4", seed=503),
+                                                               sampling=encoder_pb2.FrameSampling(num_frames=2)),
+                                     timeout=60))
+        assert not unoffered[0].header.pull_ticket  # nothing kept unless asked
+        responses = list(stub.Encode(encoder_pb2.EncodeRequest(video=make_video("mp4", seed=503), offer_pull=True,
                                                                sampling=encoder_pb2.FrameSampling(num_frames=2)),
                                      timeout=60))
         header = responses[0].header
@@ -107,3 +148,52 @@ def test_the_pull_store_is_bounded_by_bytes_and_time():
     time.sleep(0.3)
     assert store.take(late) is None  # expired
     assert PullStore(max_bytes=100, ttl_s=0).put(memoryview(b"e")) == ""  # off
+
+
+def test_a_file_backed_store_hands_each_ticket_out_once_and_leaves_no_file(tmp_path):
+    store = PullStore(max_bytes=100, ttl_s=0.2, shm_dir=tmp_path)
+    first = store.put(memoryview(b"a" * 40))
+    path = pull_files.path_for(tmp_path, first)
+    assert path.read_bytes() == b"a" * 40 and path.stat().st_mode & 0o777 == 0o600
+    assert bytes(pull_files.take(tmp_path, first, 40)) == b"a" * 40  # the LLM's side, on the same host
+    assert store.take(first) is None and not list(tmp_path.iterdir())  # taken already: Pull says NOT_FOUND
+    second = store.put(memoryview(b"b" * 40))
+    assert bytes(store.take(second)) == b"b" * 40  # Encoder.Pull's side
+    assert pull_files.take(tmp_path, second, 40) is None and not list(tmp_path.iterdir())
+    third, fourth, fifth = (store.put(memoryview(c * 40)) for c in (b"c", b"d", b"e"))
+    assert not pull_files.path_for(tmp_path, third).exists()  # evicted to make room, file and all
+    assert pull_files.take(tmp_path, fourth, 39) is None  # not the announced size: refused, and gone
+    assert not pull_files.path_for(tmp_path, fourth).exists()
+    time.sleep(0.5)
+    assert not pull_files.path_for(tmp_path, fifth).exists()  # expired, with no further call
+    store.put(memoryview(b"f" * 10))
+    store.close()
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(pull_files.PullFileError):
+        pull_files.path_for(tmp_path, "../../etc/passwd")
+
+
+def test_files_left_by_a_killed_encoder_are_swept_at_start(tmp_path):
+    stale = pull_files.path_for(tmp_path, "ab" * 16)
+    stale.write_bytes(b"old")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    fresh = pull_files.path_for(tmp_path, "cd" * 16)
+    fresh.write_bytes(b"new")  # another encoder's live entry
+    PullStore(max_bytes=100, ttl_s=30, shm_dir=tmp_path)
+    assert not stale.exists() and fresh.exists()
+
+
+def test_a_damaged_file_in_shared_memory_is_refused_and_the_tokens_come_another_way(tmp_path):
+    good = bytes(range(256)) * 4  # [2, 128] float32
+    header = tensor_pb2.TensorHeader(dtype="float32", shape=[2, 128], num_bytes=len(good), crc32=zlib.crc32(good))
+    puller = EncoderPuller(max_bytes=1 << 20, timeout_s=1, shm_dir=tmp_path)
+    ticket = "ef" * 16
+    pull_files.path_for(tmp_path, ticket).write_bytes(good[:-1] + b"x")
+    pull = llm_pb2.VisualPull(address=f"127.0.0.1:{free_port()}", ticket=ticket)  # and no encoder there
+    assert puller.pull(header, pull) is None
+    assert (puller.failed, puller.from_shared_memory, puller.pulled) == (1, 0, 0)
+    assert not list(tmp_path.iterdir())
+    pull_files.path_for(tmp_path, ticket).write_bytes(good)
+    tensor = puller.pull(header, pull)
+    assert tensor is not None and tensor.shape == (2, 128) and bytes(tensor.numpy().tobytes()) == good
+    assert (puller.failed, puller.from_shared_memory, puller.pulled) == (1, 1, 1)

@@ -77,6 +77,12 @@ class _ServiceSettings(BaseSettings):
     tls_cert: Path | None = Field(None, description="PEM certificate chain: serve gRPC over TLS")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
     tls_client_ca: Path | None = Field(None, description="PEM CA bundle: require client certificates (mutual TLS)")
+    pull_shm_dir: str = Field("/dev/shm", description="shared-memory directory where an encoder leaves token tensors "
+                              "for an LLM on the same host to take without gRPC; both services must name the same "
+                              "one ('' = off: pulls go over gRPC)")
+
+    def pull_shm_path(self) -> Path | None:
+        return Path(self.pull_shm_dir) if self.pull_shm_dir else None
 
     def torch_dtype_name(self) -> str:
         if self.dtype != "auto":

@@ -123,17 +123,40 @@ def expected_bytes(header: tensor_pb2.TensorHeader) -> int:
     return count * torch.empty((), dtype=WIRE_DTYPES[header.dtype]).element_size()
 
 
+def checked_size(header: tensor_pb2.TensorHeader, max_bytes: int) -> int:
+    """The payload size the header announces, once it agrees with the shape and fits max_bytes."""
+    size = expected_bytes(header)
+    if size != header.num_bytes:
+        raise WireError(f"header says {header.num_bytes} bytes but shape {list(header.shape)} needs {size}")
+    if size > max_bytes:
+        raise WireError(f"tensor of {size} bytes exceeds the limit of {max_bytes} bytes")
+    return size
+
+
+def _as_tensor(header: tensor_pb2.TensorHeader, buffer: bytearray) -> torch.Tensor:
+    dtype = WIRE_DTYPES[header.dtype]
+    if not buffer:
+        return torch.empty(tuple(header.shape), dtype=dtype)
+    flat = torch.frombuffer(buffer, dtype=torch.uint8)  # shares the buffer, no copy
+    return flat.view(dtype).reshape(tuple(header.shape))
+
+
+def tensor_from_payload(header: tensor_pb2.TensorHeader, payload: bytearray, max_bytes: int) -> torch.Tensor:
+    """A whole payload that arrived in one piece -> the tensor (sharing its memory), checked like chunks are."""
+    size = checked_size(header, max_bytes)
+    if len(payload) != size:
+        raise WireError(f"payload of {len(payload)} bytes; the header announced {size}")
+    if zlib.crc32(payload) != header.crc32:
+        raise WireError("tensor checksum mismatch: the payload was corrupted in transit")
+    return _as_tensor(header, payload)
+
+
 class TensorAssembler:
     """Collects chunks for one header and returns the checked tensor."""
 
     def __init__(self, header: tensor_pb2.TensorHeader, max_bytes: int):
-        size = expected_bytes(header)
-        if size != header.num_bytes:
-            raise WireError(f"header says {header.num_bytes} bytes but shape {list(header.shape)} needs {size}")
-        if size > max_bytes:
-            raise WireError(f"tensor of {size} bytes exceeds the limit of {max_bytes} bytes")
         self.header = header
-        self._buffer = bytearray(size)
+        self._buffer = bytearray(checked_size(header, max_bytes))
         self._filled = 0
         self._crc = 0
 
@@ -154,11 +177,7 @@ class TensorAssembler:
             raise WireError(f"tensor incomplete: {self._filled} of {len(self._buffer)} bytes arrived")
         if self._crc != self.header.crc32:
             raise WireError("tensor checksum mismatch: the payload was corrupted in transit")
-        dtype = WIRE_DTYPES[self.header.dtype]
-        if not self._buffer:
-            return torch.empty(tuple(self.header.shape), dtype=dtype)
-        flat = torch.frombuffer(self._buffer, dtype=torch.uint8)  # shares the buffer, no copy
-        return flat.view(dtype).reshape(tuple(self.header.shape))
+        return _as_tensor(self.header, self._buffer)
 
 
 def assemble(header: tensor_pb2.TensorHeader, pieces: Iterable[bytes], max_bytes: int) -> torch.Tensor:

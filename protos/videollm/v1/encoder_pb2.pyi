@@ -74,16 +74,18 @@ class LayerList(_message.Message):
     def __init__(self, layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("video", "sampling", "compression", "request_id")
+    __slots__ = ("video", "sampling", "compression", "request_id", "offer_pull")
     VIDEO_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFER_PULL_FIELD_NUMBER: _ClassVar[int]
     video: bytes
     sampling: FrameSampling
     compression: Compression
     request_id: str
-    def __init__(self, video: _Optional[bytes] = ..., sampling: _Optional[_Union[FrameSampling, _Mapping]] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    offer_pull: bool
+    def __init__(self, video: _Optional[bytes] = ..., sampling: _Optional[_Union[FrameSampling, _Mapping]] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ..., request_id: _Optional[str] = ..., offer_pull: _Optional[bool] = ...) -> None: ...
 
 class Segment(_message.Message):
     __slots__ = ("first", "last")

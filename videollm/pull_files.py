@@ -1,0 +1,99 @@
+"""Same-host hand-off of pulled visual tokens through files in shared memory (a tmpfs such as /dev/shm).
+
+An encoder keeps the tokens of an encode under a one-time ticket. When the encoder and the LLM
+service share the directory (same host, or a shared memory volume), the LLM takes the file
+instead of pulling the bytes over gRPC: one memory copy instead of serialisation, a gRPC hop and
+reassembly. Whoever takes a file first renames it (atomic, so exactly one party gets it), reads it
+and deletes it; the other side then finds nothing and falls back. Files are created 0600, so
+only the same user's services can read them. The ticket names the file; the directory is each
+service's own setting, never something a request names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+PREFIX = "videollm-pull-"
+_TICKET = re.compile(r"[0-9a-f]{16,64}")
+
+
+class PullFileError(ValueError):
+    """A ticket that cannot name a pull file."""
+
+
+def path_for(directory: Path, ticket: str) -> Path:
+    if not _TICKET.fullmatch(ticket):
+        raise PullFileError("a pull ticket is 16 to 64 lowercase hex digits")
+    return directory / f"{PREFIX}{ticket}"
+
+
+def usable(directory: Path | None) -> bool:
+    """True when directory exists and this process can create files in it."""
+    return directory is not None and directory.is_dir() and os.access(directory, os.W_OK | os.X_OK)
+
+
+def write(directory: Path, ticket: str, payload: memoryview) -> None:
+    """Create the ticket's file holding payload (OSError when it cannot: the caller keeps the bytes itself)."""
+    path = path_for(directory, ticket)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        written = 0
+        while written < len(payload):
+            written += os.write(fd, payload[written:])
+    except BaseException:
+        os.close(fd)
+        remove(path)
+        raise
+    os.close(fd)
+
+
+def take(directory: Path, ticket: str, size: int) -> bytearray | None:
+    """The file's bytes if this caller is first to take it and it holds exactly `size` bytes; else None.
+
+    The file is gone afterwards either way.
+    """
+    path = path_for(directory, ticket)
+    claimed = path.with_name(f"{path.name}.taken-{os.getpid()}-{threading.get_ident()}")
+    try:
+        os.rename(path, claimed)
+    except FileNotFoundError:
+        return None  # another host, expired, or taken by the other side
+    try:
+        with open(claimed, "rb", buffering=0) as file:
+            if os.fstat(file.fileno()).st_size != size:
+                return None
+            data = bytearray(size)
+            view, filled = memoryview(data), 0
+            while filled < size:
+                count = file.readinto(view[filled:])
+                if not count:
+                    return None
+                filled += count
+            return data
+    finally:
+        remove(claimed)
+
+
+def sweep(directory: Path, older_than_s: float) -> int:
+    """Delete pull files (taken or not) last written over older_than_s ago, such as those of a
+    service that was killed; returns how many. Files of live services are younger than their TTL."""
+    removed, now = 0, time.time()
+    for path in directory.glob(f"{PREFIX}*"):
+        try:
+            if now - path.stat().st_mtime > older_than_s:
+                path.unlink()
+                removed += 1
+        except OSError:
+            continue  # taken or removed meanwhile, or not ours to delete
+    return removed
+
+
+def remove(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
