@@ -8,6 +8,7 @@ can act between layers and after the projector. With compression off, the output
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from encoder_service import earlytom
+from encoder_service.tower_graphs import TowerGraphs
 from videollm.checkpoint import (
     NEWLINE,
     PROJECTOR,
@@ -28,6 +30,9 @@ from videollm.checkpoint import (
     resolve_dtype,
 )
 from videollm.settings import CompressionSettings
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,10 +110,12 @@ class VisionEncoder:
         # 60 -> 48 ms for 32 frames of the 7B shape on an H200), one graph for every layer and
         # frame count; compiled now, on 1 and 2 frames, so that no request waits for it.
         self.run_layer = _layer_forward
+        self.graphs: TowerGraphs | None = None
         if self.device.type == "cuda":
             self.run_layer = torch.compile(_layer_forward, dynamic=True)
             for frames in (1, 2):
                 self._warm_up(frames)
+            self.graphs = TowerGraphs(self.tower.encoder.layers, self.run_layer)
 
     @torch.inference_mode()
     def _warm_up(self, frames: int) -> None:
@@ -149,6 +156,18 @@ class VisionEncoder:
         keys = layer.self_attn.k_proj(x).view(frames, tokens, heads, head_dim).transpose(1, 2)  # [T, H, S, dh]
         return earlytom.attention_received(queries, keys, head_dim**-0.5)
 
+    def _run_layers(self, first: int, end: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Encoder layers first..end-1 on hidden [T, S, D] -> [T, S, D]."""
+        if self.graphs is not None:
+            try:
+                return self.graphs.run(first, end, hidden)
+            except RuntimeError as err:  # a capture this build of torch cannot do: run the layers as they are
+                log.warning("CUDA graphs of the vision tower are off: %s", err)
+                self.graphs = None
+        for layer in self.tower.encoder.layers[first:end]:
+            hidden = self.run_layer(layer, hidden)
+        return hidden
+
     def _segments(self, hidden: torch.Tensor, settings: CompressionSettings) -> list[tuple[int, int]]:
         normed = earlytom.normalize_frames(hidden)
         return earlytom.segment_frames(normed, settings.tau, settings.ema, settings.max_window)
@@ -168,13 +187,17 @@ class VisionEncoder:
         spans = [(i, i) for i in range(frames)]  # original frames behind each live frame
         scores = segments = None
         layer_frames = []
-        for index, layer in enumerate(self.tower.encoder.layers[: self.layers_to_run]):
-            if compress and index == score_layer:
+        layers = self.tower.encoder.layers
+        # runs of layers with nothing between them: a run ends at a prune layer or before the score layer
+        starts = sorted({0} | {p + 1 for p in prune if p + 1 < self.layers_to_run} | ({score_layer} if compress else set()))
+        for first, end in zip(starts, [*starts[1:], self.layers_to_run]):
+            if compress and first == score_layer:
                 mark = time.perf_counter()
-                scores = self.importance(layer, hidden)  # [T', S]
+                scores = self.importance(layers[first], hidden)  # [T', S]
                 timings.importance_ms += (time.perf_counter() - mark) * 1e3
-            layer_frames.append(hidden.shape[0])
-            hidden = self.run_layer(layer, hidden)  # [T', S, D]
+            layer_frames += [hidden.shape[0]] * (end - first)
+            hidden = self._run_layers(first, end, hidden)  # [T', S, D]
+            index = end - 1
             if index in prune:
                 mark = time.perf_counter()
                 normed = earlytom.normalize_frames(hidden)  # [T', S, D] float32
