@@ -183,12 +183,12 @@ def test_files_left_by_a_killed_encoder_are_swept_at_start(tmp_path):
     assert not stale.exists() and fresh.exists()
 
 
-def test_a_damaged_file_in_shared_memory_is_refused_and_the_tokens_come_another_way(tmp_path):
+def test_a_truncated_file_in_shared_memory_is_refused_and_the_tokens_come_another_way(tmp_path):
     good = bytes(range(256)) * 4  # [2, 128] float32
     header = tensor_pb2.TensorHeader(dtype="float32", shape=[2, 128], num_bytes=len(good), crc32=zlib.crc32(good))
     puller = EncoderPuller(max_bytes=1 << 20, timeout_s=1, shm_dir=tmp_path)
     ticket = "ef" * 16
-    pull_files.path_for(tmp_path, ticket).write_bytes(good[:-1] + b"x")
+    pull_files.path_for(tmp_path, ticket).write_bytes(good[:-1])
     pull = llm_pb2.VisualPull(address=f"127.0.0.1:{free_port()}", ticket=ticket)  # and no encoder there
     assert puller.pull(header, pull) is None
     assert (puller.failed, puller.from_shared_memory, puller.pulled) == (1, 0, 0)

@@ -2,8 +2,8 @@
 
 An encoder keeps the tokens of an encode under a one-time ticket. When the encoder and the LLM
 service share the directory (same host, or a shared memory volume), the LLM takes the file
-instead of pulling the bytes over gRPC: one memory copy instead of serialisation, a gRPC hop and
-reassembly. Whoever takes a file first renames it (atomic, so exactly one party gets it), reads it
+instead of pulling the bytes over gRPC: the encoder writes them once, the LLM maps them, with no
+serialisation, gRPC hop or reassembly. Nothing travels, so the size is checked and not a CRC. Whoever takes a file first renames it (atomic, so exactly one party gets it), reads it
 and deletes it; the other side then finds nothing and falls back. Files are created 0600, so
 only the same user's services can read them. The ticket names the file; the directory is each
 service's own setting, never something a request names.
@@ -11,6 +11,7 @@ service's own setting, never something a request names.
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import threading
@@ -51,10 +52,10 @@ def write(directory: Path, ticket: str, payload: memoryview) -> None:
     os.close(fd)
 
 
-def take(directory: Path, ticket: str, size: int) -> bytearray | None:
-    """The file's bytes if this caller is first to take it and it holds exactly `size` bytes; else None.
-
-    The file is gone afterwards either way.
+def take(directory: Path, ticket: str, size: int) -> mmap.mmap | bytearray | None:
+    """The file's bytes, mapped (no copy), if this caller is first to take it and it holds exactly
+    `size` bytes; else None. The file is gone afterwards either way; the mapping lives on until
+    its last user lets go of it.
     """
     path = path_for(directory, ticket)
     claimed = path.with_name(f"{path.name}.taken-{os.getpid()}-{threading.get_ident()}")
@@ -66,14 +67,9 @@ def take(directory: Path, ticket: str, size: int) -> bytearray | None:
         with open(claimed, "rb", buffering=0) as file:
             if os.fstat(file.fileno()).st_size != size:
                 return None
-            data = bytearray(size)
-            view, filled = memoryview(data), 0
-            while filled < size:
-                count = file.readinto(view[filled:])
-                if not count:
-                    return None
-                filled += count
-            return data
+            if size == 0:
+                return bytearray()
+            return mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY)  # private: writes never reach the file
     finally:
         remove(claimed)
 
