@@ -7,7 +7,7 @@ For token tensors of the 7B shape (width 3584, bf16) at the sizes that 32 frames
   - pull: one gRPC hop on loopback, a real encoder service's Pull into the LLM's assembler
     (transfer, parse, copy, length and CRC checks), as an LLM on another host does on a miss;
   - same host: the encoder writes the tokens to a file in shared memory, the LLM takes it (rename,
-    read, delete) and checks length and CRC, as an LLM on the same host does on a miss;
+    map, delete) and checks its size, as an LLM on the same host does on a miss;
   - to device: the checked tensor copied to the GPU.
 The relay through the gateway (the second hop it replaces) is measured end to end by
 `videollm bench` (hand-off column). Prints a markdown table; no model weights are involved beyond
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     print(f"hand-off parts, 7B token width, bf16, device {gpu}, median of {args.repeats}\n")
     print("| tokens | MB | serialise ms | pull (1 gRPC hop, checked) ms | same host: file in shared memory "
-          "(write, take, checked) ms | copy to device ms |\n|---|---|---|---|---|---|")
+          "(write, take, size checked) ms | copy to device ms |\n|---|---|---|---|---|---|")
     for name, mb, serialise_ms, pull_ms, shm_ms, copy_ms in rows:
         print(f"| {name} | {mb:.1f} | {serialise_ms:.2f} | {pull_ms:.2f} | {shm_ms:.2f} | {copy_ms:.2f} |")
     return 0
