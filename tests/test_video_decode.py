@@ -10,22 +10,9 @@ import numpy as np
 import pytest
 
 from encoder_service.video_decode import VideoLimits, _scan, decode_video, sample_indices
-from tests.videos import moving_frames
+from videos import encode, moving_frames
 
 LIMITS = VideoLimits(max_bytes=1 << 30, max_duration_s=3600, max_frame_pixels=1 << 24)
-
-
-def _encode(frames: np.ndarray, container_format: str, codec: str, options: dict[str, str]) -> bytes:
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format=container_format) as container:
-        stream = container.add_stream(codec, rate=24, options=options)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
 
 
 def _every_frame(video: bytes) -> list[np.ndarray]:
@@ -34,19 +21,19 @@ def _every_frame(video: bytes) -> list[np.ndarray]:
         return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
 
 
-CLIPS = {
+CLIPS = {  # name -> (tests.videos format, encoder options)
     # short GOPs with B-frames (some referenced, some not): several segments, frames to skip
-    "h264-bframes": ("mp4", "libx264", {"g": "12", "bf": "3", "x264-params": "b-pyramid=normal:scenecut=0"}),
-    "h264-no-bframes": ("mp4", "libx264", {"g": "10", "bf": "0"}),
-    "vp8": ("webm", "libvpx", {"g": "9"}),
-    "mpeg4-avi": ("avi", "mpeg4", {"g": "8", "bf": "2"}),
+    "h264-bframes": ("mp4", {"g": "12", "bf": "3", "x264-params": "b-pyramid=normal:scenecut=0"}),
+    "h264-no-bframes": ("mp4", {"g": "10", "bf": "0"}),
+    "vp8": ("webm", {"g": "9"}),
+    "mpeg4-avi": ("avi", {"g": "8", "bf": "2"}),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(CLIPS))
 def clip(request):
-    container_format, codec, options = CLIPS[request.param]
-    video = _encode(moving_frames(60, 96, 64, seed=3), container_format, codec, options)
+    fmt, options = CLIPS[request.param]
+    video = encode(moving_frames(60, 96, 64, seed=3), fmt, options=options)
     return request.param, video, _every_frame(video)
 
 
@@ -64,8 +51,8 @@ def test_sampled_frames_equal_a_full_decode(clip, samples):
 def test_the_clips_exercise_several_segments_and_skipped_frames():
     """Guards the test above: the H.264 clip has several keyframes (so segments decode in parallel)
     and frames no other frame refers to (so skipping happens)."""
-    container_format, codec, options = CLIPS["h264-bframes"]
-    video = _encode(moving_frames(60, 96, 64, seed=3), container_format, codec, options)
+    fmt, options = CLIPS["h264-bframes"]
+    video = encode(moving_frames(60, 96, 64, seed=3), fmt, options=options)
     assert len(_scan(video).keyframes) >= 4
     with av.open(io.BytesIO(video)) as container:
         stream = container.streams.video[0]

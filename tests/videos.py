@@ -31,11 +31,14 @@ def moving_frames(n: int, width: int = 160, height: int = 120, seed: int = 0) ->
     return frames
 
 
-def encode(frames: np.ndarray, fmt: str = "mp4", fps: int = 24) -> bytes:
+def encode(frames: np.ndarray, fmt: str = "mp4", fps: int = 24, options: dict[str, str] | None = None) -> bytes:
+    """options: the encoder's (GOP length, B-frames, ...); "mp4-lossless" sets qp 0 itself."""
     container_format, codec, pix_fmt = CONTAINERS[fmt]
+    if fmt == "mp4-lossless":
+        options = {"qp": "0", **(options or {})}
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format=container_format) as container:
-        stream = container.add_stream(codec, rate=fps, options={"qp": "0"} if fmt == "mp4-lossless" else None)
+        stream = container.add_stream(codec, rate=fps, options=options)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = pix_fmt
         for frame in frames:
