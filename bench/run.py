@@ -13,8 +13,8 @@ On a GPU machine without a package registry, bring the wheels of the web server,
 video decoder (fastapi, starlette, uvicorn, pydantic, pydantic-core, pydantic-settings,
 python-dotenv, typing-inspection, annotated-types, annotated-doc, python-multipart, redis, av,
 grpcio, grpcio-health-checking, protobuf; and httptools and uvloop, which `uvicorn[standard]` brings
-in a normal install: without them the gateway parses HTTP in pure Python, about 5 ms slower per
-590 KB request) and a redis-server binary (Debian's redis-server,
+in a normal install: without them the gateway parses HTTP in pure Python (h11) on asyncio's own
+loop, which is slower for large request bodies) and a redis-server binary (Debian's redis-server,
 redis-tools, liblzf1 and libjemalloc2 packages unpacked with dpkg -x), install the wheels with
 `pip install --no-index --target DIR` and put DIR on PYTHONPATH, and pass --redis-server PATH (with
 LD_LIBRARY_PATH pointing at the unpacked libraries).
