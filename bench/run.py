@@ -162,10 +162,18 @@ def miss_parts(misses) -> dict:
     }
 
 
-async def throughput(url: str, redis_url: str, clip: bytes, args, counter: list[int]) -> list[dict]:
+async def throughput(url: str, redis_url: str, clip: bytes, args, counter: list[int], replicas: int) -> list[dict]:
+    """Closed-loop runs per retain ratio and client count, after untimed warm-up requests that reach
+    every replica (first-use costs: CUDA graph captures, kernel plans for new shapes)."""
     store = redis.Redis.from_url(redis_url)
     rows = []
     for retain in floats(args.throughput_retain):
+        warm = []
+        for _ in range(2 * replicas):
+            counter[0] += 1
+            warm.append(chat_body(variant(clip, counter[0]), args.throughput_frames, compression_for(retain),
+                                  args.max_tokens))
+        await closed_loop(url, warm, 2 * replicas)
         for clients in ints(args.clients):
             store.flushall()
             bodies = []
@@ -360,7 +368,9 @@ def main(argv=None) -> int:
             entry = {"placement": text, "latency": [], "throughput": []}
             if index == 0 and not args.skip_latency:
                 entry["latency"] = asyncio.run(latency_matrix(running.url, running.redis_url, clip, args))
-            entry["throughput"] = asyncio.run(throughput(running.url, running.redis_url, clip, args, counter))
+            replicas = len(placement.encoders) + len(placement.llms)
+            entry["throughput"] = asyncio.run(
+                throughput(running.url, running.redis_url, clip, args, counter, replicas))
             entry["memory"] = service_memory(running)
             results["placements"].append(entry)
         finally:

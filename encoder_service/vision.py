@@ -190,7 +190,8 @@ class VisionEncoder:
         layer_frames = []
         layers = self.tower.encoder.layers
         # runs of layers with nothing between them: a run ends at a prune layer or before the score layer
-        starts = sorted({0} | {p + 1 for p in prune if p + 1 < self.layers_to_run} | ({score_layer} if compress else set()))
+        starts = {0} | {p + 1 for p in prune if p + 1 < self.layers_to_run} | ({score_layer} if compress else set())
+        starts = sorted(starts)
         for first, end in zip(starts, [*starts[1:], self.layers_to_run]):
             if compress and first == score_layer:
                 mark = time.perf_counter()
