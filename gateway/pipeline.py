@@ -233,14 +233,14 @@ class Pipeline:
         return frames, compression
 
     async def _open_encode(self, request: VideoRequest, frames: int, compression: CompressionSettings,
-                           timeout_s: float):
+                           timeout_s: float, offer_pull: bool = False):
         """Start Encode on some replica and return (call, header, its address); retries another replica
-        when one is down."""
+        when one is down. offer_pull: ask the encoder to keep the tokens for the LLM to take."""
         message = encoder_pb2.EncodeRequest(
             video=request.video.data,
             sampling=encoder_pb2.FrameSampling(num_frames=frames),
             compression=compression_to_proto(compression),
-            offer_pull=self.settings.direct_pull and self.settings.grpc_tls_ca is None,
+            offer_pull=offer_pull,
         )
         tried: set[str] = set()
         while (replica := self.encoders.pick(exclude=tried)) is not None:
@@ -282,7 +282,9 @@ class Pipeline:
             return VisualSource.in_memory(key, await asyncio.shield(waiting))
         try:
             outcome.encode_called_at = time.perf_counter()
-            call, header, address = await self._open_encode(request, frames, compression, timeout_s)
+            call, header, address = await self._open_encode(
+                request, frames, compression, timeout_s,
+                offer_pull=self.settings.direct_pull and self.settings.grpc_tls_ca is None)
             outcome.encode_header_at = time.perf_counter()
         except BaseException as err:
             self.single_flight.finish(key, error=err)
