@@ -28,13 +28,15 @@ def normalize_frames(hidden: torch.Tensor) -> torch.Tensor:
     return nn.functional.normalize(hidden.float(), dim=-1)
 
 
-def similarity(normed: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of the cosine similarity of frames a[p] and b[p]: [P] for index tensors [P].
+def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of the cosine similarity of normed frames a[p] and b[p]: a, b [P, S, D]
+    (or one frame [S, D], broadcast) -> [P].
 
     Computed pair by pair with one elementwise product and row reductions, so identical frames
-    always give identical values (a matrix product could round them differently).
+    always give identical values (a matrix product could round them differently). Callers pass
+    slices and single frames where they can: views, not gathered copies of the frames.
     """
-    return (normed[a] * normed[b]).sum(dim=-1).mean(dim=-1)  # [P]
+    return (a * b).sum(dim=-1).mean(dim=-1)  # [P]
 
 
 def segment_frames(normed: torch.Tensor, tau: float, ema: float, max_window: int) -> list[tuple[int, int]]:
@@ -49,8 +51,7 @@ def segment_frames(normed: torch.Tensor, tau: float, ema: float, max_window: int
     to_start: list[float] = []  # similarity of frames start.. to frame start
     for i in range(1, count):
         if i - start >= len(to_start):  # one device round trip per segment, not per frame
-            later = torch.arange(start, count, device=normed.device)
-            to_start = similarity(normed, later, torch.full_like(later, start)).tolist()
+            to_start = similarity(normed[start:], normed[start]).tolist()  # frames start.. vs frame start
         smoothed = ema * to_start[i - start] + (1.0 - ema) * smoothed
         if smoothed < tau or i - start >= max_window:
             segments.append((start, i - 1))
@@ -71,9 +72,8 @@ def plan_fusion(normed: torch.Tensor, segments: list[tuple[int, int]]) -> list[F
     long_segments = [(first, last) for first, last in segments if last - first + 1 > 2]
     device = normed.device
     ends = torch.tensor(long_segments, dtype=torch.long, device=device).view(-1, 2)
-    tau_seg = dict(zip(long_segments, similarity(normed, ends[:, 0], ends[:, 1]).tolist()))
-    adjacent = torch.arange(normed.shape[0] - 1, device=device)
-    next_similarity = similarity(normed, adjacent, adjacent + 1).tolist()  # [T-1]: frame i vs i+1
+    tau_seg = dict(zip(long_segments, similarity(normed[ends[:, 0]], normed[ends[:, 1]]).tolist()))
+    next_similarity = similarity(normed[:-1], normed[1:]).tolist()  # [T-1]: frame i vs i+1
 
     plan: list[FusedFrame] = []
     for first, last in segments:
@@ -106,7 +106,7 @@ def plan_fusion(normed: torch.Tensor, segments: list[tuple[int, int]]) -> list[F
 def fuse(x: torch.Tensor, plan: list[FusedFrame]) -> torch.Tensor:
     """x [T, ...] -> [T', ...]: kept frames copied exactly, fused pairs as weighted sums."""
     kept = [fused.sources[0] for fused in plan]
-    out = x[kept].clone()  # [T', ...] exact copies of the kept (or first) frames
+    out = x[kept]  # [T', ...] exact copies of the kept (or first) frames (indexing with a list copies)
     pairs = [row for row, fused in enumerate(plan) if len(fused.sources) == 2]
     if pairs:
         first = torch.tensor([plan[row].sources[0] for row in pairs], device=x.device)
