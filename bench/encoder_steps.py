@@ -17,23 +17,11 @@ from pathlib import Path
 import torch
 
 from bench.checkpoint import SHAPES, build_checkpoint
+from bench.timing import median_ms
 from bench.video import benchmark_clip
 
 PARTS = ("decode_ms", "preprocess_ms", "vision_ms", "stage1_ms", "importance_ms", "projector_ms", "stage2_ms",
          "total_ms")
-
-
-def _tower_ms(vision, pixels: torch.Tensor, repeats: int, layers) -> tuple[float, torch.Tensor]:
-    """The tower's layers alone on [T, 3, H, W], no compression: median ms and the output."""
-    times = []
-    with torch.inference_mode():
-        for _ in range(repeats + 1):
-            torch.cuda.synchronize() if pixels.is_cuda else None
-            start = time.perf_counter()
-            hidden = layers(vision.tower.embeddings(pixels)).clone()  # [T, S, D]
-            torch.cuda.synchronize() if pixels.is_cuda else None
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[1:]), hidden
 
 
 def _each_layer(vision, run_layer):
@@ -107,7 +95,11 @@ def main(argv=None) -> int:
                     "eager": _each_layer(vision, _layer_forward)}
         outputs = {}
         for name, layers in variants.items():
-            tower, outputs[name] = _tower_ms(vision, pixels, args.repeats, layers)
+            def tower_alone(name=name, layers=layers):  # the tower's layers alone, no compression
+                outputs[name] = layers(vision.tower.embeddings(pixels)).clone()  # [T, S, D]
+
+            with torch.inference_mode():
+                tower = median_ms(tower_alone, args.repeats, vision.device)
             differs = (outputs[name].float() - outputs["as served"].float()).abs().max().item()
             rows.append({"frames": frames, "retain": name, "tower_ms": tower, "tower_tflops": flops / tower / 1e9,
                          "max_abs_difference_to_served": differs})

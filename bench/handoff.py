@@ -17,29 +17,17 @@ the tiny encoder that hosts the Pull service.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from llm_service.pull import EncoderPuller
-from llm_service.pull import CHUNK_FIELD
+from bench.timing import median_ms
+from llm_service.pull import CHUNK_FIELD, EncoderPuller
 from protos.videollm.v1 import llm_pb2
 from videollm import wire
 
 SIZES = {"retain 0.1 (639 tokens)": 639, "retain 0.25 (1585 tokens)": 1585, "retain 1.0 (6273 tokens)": 6273}
 WIDTH = 3584
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -78,21 +66,21 @@ def main(argv=None) -> int:
                 return header, payload, messages
 
             header, payload, _ = serialise()
-            serialise_ms = _median_ms(serialise, args.repeats)
+            serialise_ms = median_ms(serialise, args.repeats)
             received = []
 
             def pull():
                 ticket = store.put(payload)
                 received.append(puller.pull(header, llm_pb2.VisualPull(address=f"127.0.0.1:{port}", ticket=ticket)))
 
-            pull_ms = _median_ms(pull, args.repeats)
+            pull_ms = median_ms(pull, args.repeats)
             assert received[-1] is not None and torch.equal(received[-1], tensor)
 
             def same_host():
                 ticket = shm_store.put(payload)  # the encoder writes the file
                 received.append(shm_puller.pull(header, llm_pb2.VisualPull(address="unused:0", ticket=ticket)))
 
-            shm_ms = _median_ms(same_host, args.repeats)
+            shm_ms = median_ms(same_host, args.repeats)
             assert shm_puller.from_shared_memory == args.repeats + 1 and torch.equal(received[-1], tensor)
             shm_puller.from_shared_memory = 0
             device = torch.device(args.device)
@@ -102,7 +90,7 @@ def main(argv=None) -> int:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
 
-            copy_ms = _median_ms(to_device, args.repeats)
+            copy_ms = median_ms(to_device, args.repeats)
             rows.append((name, len(payload) / 1e6, serialise_ms, pull_ms, shm_ms, copy_ms))
     finally:
         server.stop(None)

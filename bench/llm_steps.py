@@ -15,21 +15,7 @@ from pathlib import Path
 import torch
 
 from bench.checkpoint import SHAPES, build_checkpoint
-
-
-def _timed(fn, device: torch.device, repeats: int) -> float:
-    """Median milliseconds of fn() over `repeats`, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+from bench.timing import median_ms
 
 
 def main(argv=None) -> int:
@@ -66,7 +52,7 @@ def main(argv=None) -> int:
             runner.free(0)
             runner.prefill(0, embeds, 0)
 
-        rows.append({"pass": "prefill", "batch": 1, "tokens": length, "ms": _timed(prefill, device, args.repeats)})
+        rows.append({"pass": "prefill", "batch": 1, "tokens": length, "ms": median_ms(prefill, args.repeats, device)})
     runner.free(0)
     for context in (int(x) for x in args.contexts.split(",")):
         for batch in (int(x) for x in args.batches.split(",")):
@@ -82,7 +68,7 @@ def main(argv=None) -> int:
                 runner.lengths[:, :batch] -= 1
                 runner.positions[:batch] -= 1
 
-            ms = _timed(step, device, args.repeats)
+            ms = median_ms(step, args.repeats, device)
             rows.append({"pass": "decode step", "batch": batch, "tokens": context, "ms": ms,
                          "ms_per_token": ms / batch})
             for slot in range(batch):
