@@ -37,14 +37,14 @@ class PullStore:
         self.shm_dir = shm_dir if pull_files.usable(shm_dir) else None
         if shm_dir is not None and self.shm_dir is None:
             log.warning("pull_shm_dir %s is not a writable directory; tokens are pulled over gRPC only", shm_dir)
-        if self.shm_dir is not None and ttl_s > 0:
-            pull_files.sweep(self.shm_dir, older_than_s=max(ttl_s, 60.0))  # left by a service that was killed
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.pulled = 0
         self._closed = threading.Event()
-        if self.shm_dir is not None and ttl_s > 0:  # files of idle stores expire too, not only at the next put
+        if self.shm_dir is not None and ttl_s > 0:
+            pull_files.sweep(self.shm_dir, older_than_s=max(ttl_s, 60.0))  # left by a service that was killed
+            # files of an idle store expire too, not only at its next put or take
             threading.Thread(target=self._expire_until_closed, name="pull-expiry", daemon=True).start()
 
     def put(self, payload: memoryview) -> str:

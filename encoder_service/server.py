@@ -92,7 +92,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         yield from _chunk_responses(payload)
 
     def Pull(self, request: encoder_pb2.PullRequest, context: grpc.ServicerContext):
-        payload = self.pulls.take(request.ticket)  # [bytes]
+        payload = self.pulls.take(request.ticket)
         if payload is None:
             context.abort(grpc.StatusCode.NOT_FOUND,
                           "no tokens under this ticket here (used, expired, or another replica); "

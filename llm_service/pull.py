@@ -2,11 +2,11 @@
 
 One hop instead of two: the gateway names the encoder replica and the ticket in the
 GenerateSetup. On the same host (a shared memory directory both services name, see
-videollm.pull_files) the LLM maps the ticket's file without any gRPC and checks its size; otherwise
-it reads the same TensorChunk stream the gateway would have relayed (Encoder.Pull) and checks
-length and CRC-32 against the header. Any failure (the encoder gone, the ticket used or expired, a damaged
-stream) returns None, and the caller asks the gateway for the tokens instead. Pulls use plaintext
-gRPC; a gateway that reaches its services over TLS does not offer them.
+videollm.pull_files) the LLM maps the ticket's file without any gRPC and checks its size;
+otherwise it reads the same TensorChunk stream the gateway would have relayed (Encoder.Pull) and
+checks length and CRC-32 against the header. Any failure (the encoder gone, the ticket used or
+expired, a damaged stream) returns None, and the caller asks the gateway for the tokens instead.
+Pulls use plaintext gRPC; a gateway that reaches its services over TLS does not offer them.
 """
 
 from __future__ import annotations
@@ -55,9 +55,10 @@ class EncoderPuller:
         """The tensor described by header, from the encoder at source.address, or None."""
         try:
             if self.shm_dir is not None:
+                # the file's size is checked; nothing travelled, so there is no CRC to check
                 payload = pull_files.take(self.shm_dir, source.ticket, wire.checked_size(header, self.max_bytes))
                 if payload is not None:
-                    tensor = wire.tensor_from_local(header, payload, self.max_bytes)  # [N, D]
+                    tensor = wire.as_tensor(header, payload)  # [N, D]
                     with self._lock:
                         self.pulled += 1
                         self.from_shared_memory += 1

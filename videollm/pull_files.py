@@ -3,8 +3,9 @@
 An encoder keeps the tokens of an encode under a one-time ticket. When the encoder and the LLM
 service share the directory (same host, or a shared memory volume), the LLM takes the file
 instead of pulling the bytes over gRPC: the encoder writes them once, the LLM maps them, with no
-serialisation, gRPC hop or reassembly. Nothing travels, so the size is checked and not a CRC. Whoever takes a file first renames it (atomic, so exactly one party gets it), reads it
-and deletes it; the other side then finds nothing and falls back. Files are created 0600, so
+serialisation, gRPC hop or reassembly. Nothing travels, so the size is checked and not a CRC.
+Whoever takes a file first renames it (atomic, so exactly one party gets it), maps it and deletes
+it; the other side then finds nothing and falls back. Files are created 0600, so
 only the same user's services can read them. The ticket names the file; the directory is each
 service's own setting, never something a request names.
 """

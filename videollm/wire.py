@@ -133,21 +133,13 @@ def checked_size(header: tensor_pb2.TensorHeader, max_bytes: int) -> int:
     return size
 
 
-def _as_tensor(header: tensor_pb2.TensorHeader, buffer) -> torch.Tensor:
+def as_tensor(header: tensor_pb2.TensorHeader, buffer) -> torch.Tensor:
+    """A writable buffer of exactly the header's checked size -> the tensor, sharing its memory."""
     dtype = WIRE_DTYPES[header.dtype]
     if not buffer:
         return torch.empty(tuple(header.shape), dtype=dtype)
     flat = torch.frombuffer(buffer, dtype=torch.uint8)  # shares the buffer, no copy
     return flat.view(dtype).reshape(tuple(header.shape))
-
-
-def tensor_from_local(header: tensor_pb2.TensorHeader, payload, max_bytes: int) -> torch.Tensor:
-    """A whole payload handed over in memory on this host (a writable buffer) -> the tensor,
-    sharing its memory. The size is checked; the CRC, which guards transfers, is not."""
-    size = checked_size(header, max_bytes)
-    if len(payload) != size:
-        raise WireError(f"payload of {len(payload)} bytes; the header announced {size}")
-    return _as_tensor(header, payload)
 
 
 class TensorAssembler:
@@ -176,7 +168,7 @@ class TensorAssembler:
             raise WireError(f"tensor incomplete: {self._filled} of {len(self._buffer)} bytes arrived")
         if self._crc != self.header.crc32:
             raise WireError("tensor checksum mismatch: the payload was corrupted in transit")
-        return _as_tensor(self.header, self._buffer)
+        return as_tensor(self.header, self._buffer)
 
 
 def assemble(header: tensor_pb2.TensorHeader, pieces: Iterable[bytes], max_bytes: int) -> torch.Tensor:
