@@ -19,15 +19,17 @@ import torch
 from bench.checkpoint import SHAPES, build_checkpoint
 from bench.timing import median_ms
 from bench.video import benchmark_clip
+from encoder_service.vision import _layer_forward
 
 PARTS = ("decode_ms", "preprocess_ms", "vision_ms", "stage1_ms", "importance_ms", "projector_ms", "stage2_ms",
          "total_ms")
 
 
-def _each_layer(vision, run_layer):
+def _eager_layers(vision):
+    """The tower's layers as transformers runs them, uncompiled."""
     def layers(hidden: torch.Tensor) -> torch.Tensor:
         for layer in vision.tower.encoder.layers[: vision.layers_to_run]:
-            hidden = run_layer(layer, hidden)
+            hidden = _layer_forward(layer, hidden)
         return hidden
 
     return layers
@@ -46,7 +48,7 @@ def _check_graphs(vision) -> None:
         for buffer in graphs.inputs.values():
             buffer.fill_(1e4)
         poisoned = graphs.run(0, depth, hidden).clone()
-        plain = _each_layer(vision, vision.run_layer)(hidden)
+        plain = vision._call_layers(0, depth, hidden)
         print(f"graphs, {frames} frames: after poisoned padding max abs difference "
               f"{(replayed - poisoned).abs().max().item():.3g}; against plain calls "
               f"{(replayed.float() - plain.float()).abs().max().item():.3g} (values up to {plain.abs().max().item():.3g})")
@@ -66,7 +68,6 @@ def main(argv=None) -> int:
 
     from encoder_service.engine import EncoderEngine
     from encoder_service.video_decode import decode_video
-    from encoder_service.vision import _layer_forward
     from videollm.flops import encoder_flops
     from videollm.settings import CompressionSettings, EncoderSettings
 
@@ -91,8 +92,8 @@ def main(argv=None) -> int:
         flops = encoder_flops(engine.vision.config.vision_config, 0, [frames] * engine.vision.layers_to_run, 0)
         vision = engine.vision
         variants = {"as served": lambda hidden: vision._run_layers(0, vision.layers_to_run, hidden),
-                    "compiled, no graphs": _each_layer(vision, vision.run_layer),
-                    "eager": _each_layer(vision, _layer_forward)}
+                    "compiled, no graphs": lambda hidden: vision._call_layers(0, vision.layers_to_run, hidden),
+                    "eager": _eager_layers(vision)}
         outputs = {}
         for name, layers in variants.items():
             def tower_alone(name=name, layers=layers):  # the tower's layers alone, no compression

@@ -116,7 +116,7 @@ class VisionEncoder:
             self.run_layer = torch.compile(_layer_forward, dynamic=True)
             for frames in (1, 2):
                 self._warm_up(frames)
-            self.graphs = TowerGraphs(self.tower.encoder.layers, self.run_layer)
+            self.graphs = TowerGraphs(self._call_layers)
 
     @torch.inference_mode()
     def _warm_up(self, frames: int) -> None:
@@ -158,13 +158,17 @@ class VisionEncoder:
         return earlytom.attention_received(queries, keys, head_dim**-0.5)
 
     def _run_layers(self, first: int, end: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Encoder layers first..end-1 on hidden [T, S, D] -> [T, S, D]."""
+        """Encoder layers first..end-1 on hidden [T, S, D] -> [T, S, D], replayed as a graph on CUDA."""
         if self.graphs is not None:
             try:
                 return self.graphs.run(first, end, hidden)
             except RuntimeError as err:  # a capture this build of torch cannot do: run the layers as they are
                 log.warning("CUDA graphs of the vision tower are off: %s", err)
                 self.graphs = None
+        return self._call_layers(first, end, hidden)
+
+    def _call_layers(self, first: int, end: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Encoder layers first..end-1 called one by one: hidden [T, S, D] -> [T, S, D]."""
         for layer in self.tower.encoder.layers[first:end]:
             hidden = self.run_layer(layer, hidden)
         return hidden
