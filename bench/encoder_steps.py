@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     parser.add_argument("--retain", default="1.0,0.1")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="print the top device kernels of one encode")
+    parser.add_argument("--trace", type=Path, help="with --profile: write the encode's timeline here "
+                        "(Chrome trace JSON, for chrome://tracing or ui.perfetto.dev)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -131,6 +133,8 @@ def main(argv=None) -> int:
             engine.encode(clip, 32, settings)
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
+        if args.trace:
+            prof.export_chrome_trace(str(args.trace))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows}, indent=1))
     return 0
