@@ -90,6 +90,7 @@ async def closed_loop(url: str, bodies: list[dict], clients: int, timeout_s: flo
         await asyncio.gather(*(client_loop(client) for _ in range(clients)))
         elapsed = time.perf_counter() - start
     ttfts = [s.ttft_ms for s in samples]
+    batches = [s.videollm["encoder_batch"]["requests"] for s in samples if "encoder_batch" in s.videollm]
     return {
         "clients": clients,
         "requests": len(samples),
@@ -100,4 +101,6 @@ async def closed_loop(url: str, bodies: list[dict], clients: int, timeout_s: flo
         "ttft_p50_ms": percentile(ttfts, 50),
         "ttft_p99_ms": percentile(ttfts, 99),
         "ttft_mean_ms": statistics.fmean(ttfts) if ttfts else float("nan"),
+        # requests whose frames went through the encoder's tower together, on average (1 = never batched)
+        "encoder_batch_mean": statistics.fmean(batches) if batches else float("nan"),
     }

@@ -19,7 +19,7 @@ import torch
 from bench.checkpoint import SHAPES, build_checkpoint
 from bench.timing import median_ms
 from bench.video import benchmark_clip
-from encoder_service.vision import _layer_forward
+from encoder_service.vision import _importance, _layer_forward
 
 PARTS = ("decode_ms", "preprocess_ms", "vision_ms", "stage1_ms", "importance_ms", "projector_ms", "stage2_ms",
          "total_ms")
@@ -44,14 +44,44 @@ def _check_graphs(vision) -> None:
     for frames in (5, 22, 43):
         size = vision.config.vision_config.image_size
         hidden = vision.tower.embeddings(torch.randn(frames, 3, size, size, device=vision.device, dtype=vision.dtype))
-        replayed = graphs.run(0, depth, hidden).clone()
-        for buffer in graphs.inputs.values():
-            buffer.fill_(1e4)
-        poisoned = graphs.run(0, depth, hidden).clone()
+        replayed = graphs.run(0, depth, [hidden]).clone()
+        graphs.inputs.fill_(1e4)
+        poisoned = graphs.run(0, depth, [hidden]).clone()
         plain = vision._call_layers(0, depth, hidden)
         print(f"graphs, {frames} frames: after poisoned padding max abs difference "
               f"{(replayed - poisoned).abs().max().item():.3g}; against plain calls "
               f"{(replayed.float() - plain.float()).abs().max().item():.3g} (values up to {plain.abs().max().item():.3g})")
+        compiled = vision.importance(vision.tower.encoder.layers[depth - 3], hidden)
+        eager = _importance(vision.tower.encoder.layers[depth - 3], hidden, vision.config.vision_config.num_attention_heads)
+        print(f"importance, {frames} frames: compiled against eager max abs difference "
+              f"{(compiled - eager).abs().max().item():.3g} (values up to {eager.abs().max().item():.3g}); "
+              f"same top 10% per frame: {_same_top(compiled, eager):.3f}")
+
+
+def _batch_rows(engine, clip: bytes, repeats: int) -> list[dict]:
+    """The vision part of k requests' encodes run together against one after another."""
+    from encoder_service.video_decode import decode_video
+    from videollm.settings import CompressionSettings
+
+    vision, settings = engine.vision, CompressionSettings(retain_ratio=0.1)
+    pixels = engine.processor(videos=[decode_video(clip, 32, engine.limits).frames], return_tensors="pt",
+                              device=vision.device)["pixel_values_videos"][0]  # [32, 3, H, W]
+    rows = []
+    for requests in (1, 2, 4):
+        batch = [(pixels, settings)] * requests
+        if requests * 32 > engine.settings.batch_max_frames:
+            break
+        together = median_ms(lambda: vision.encode_batch(batch), repeats, vision.device)
+        one_by_one = median_ms(lambda: [vision.encode(p, s) for p, s in batch], repeats, vision.device)
+        rows.append({"requests": requests, "together_ms": together, "one_by_one_ms": one_by_one})
+    return rows
+
+
+def _same_top(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of the top 10% tokens per frame that a [T, S] and b [T, S] agree on."""
+    k = max(1, a.shape[1] // 10)
+    top_a, top_b = a.topk(k, dim=-1).indices, b.topk(k, dim=-1).indices  # [T, k]
+    return (top_a[:, :, None] == top_b[:, None, :]).any(-1).float().mean().item()
 
 
 def main(argv=None) -> int:
@@ -93,7 +123,7 @@ def main(argv=None) -> int:
             "pixel_values_videos"][0].to(engine.vision.device, engine.vision.dtype)  # [T, 3, H, W]
         flops = encoder_flops(engine.vision.config.vision_config, 0, [frames] * engine.vision.layers_to_run, 0)
         vision = engine.vision
-        variants = {"as served": lambda hidden: vision._run_layers(0, vision.layers_to_run, hidden),
+        variants = {"as served": lambda hidden: vision._run_layers(0, vision.layers_to_run, [hidden]),
                     "compiled, no graphs": lambda hidden: vision._call_layers(0, vision.layers_to_run, hidden),
                     "eager": _eager_layers(vision)}
         outputs = {}
@@ -107,6 +137,7 @@ def main(argv=None) -> int:
             rows.append({"frames": frames, "retain": name, "tower_ms": tower, "tower_tflops": flops / tower / 1e9,
                          "max_abs_difference_to_served": differs})
 
+    batch_rows = _batch_rows(engine, clip, args.repeats) if engine.vision.device.type == "cuda" else []
     if engine.vision.graphs is not None:
         _check_graphs(engine.vision)
     device = engine.vision.device
@@ -125,6 +156,13 @@ def main(argv=None) -> int:
         if "tower_ms" in row:
             print(f"| {row['frames']} | {row['retain']} | {row['tower_ms']:.1f} | {row['tower_tflops']:.0f} | "
                   f"{row['max_abs_difference_to_served']:.3g} |")
+    if batch_rows:
+        print("\nFrames of concurrent requests through the tower together (32 frames each, retain 0.1, "
+              "pixels ready on the device; `encode_batch` against one `encode` after another):\n")
+        print("| requests | together ms | one by one ms | together ms per request | speed-up |\n|---|---|---|---|---|")
+        for row in batch_rows:
+            print(f"| {row['requests']} | {row['together_ms']:.1f} | {row['one_by_one_ms']:.1f} | "
+                  f"{row['together_ms'] / row['requests']:.1f} | {row['one_by_one_ms'] / row['together_ms']:.2f}x |")
     if args.profile and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -136,7 +174,7 @@ def main(argv=None) -> int:
         if args.trace:
             prof.export_chrome_trace(str(args.trace))
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"rows": rows, "batch_rows": batch_rows}, indent=1))
     return 0
 
 

@@ -39,23 +39,52 @@ def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dim=-1).mean(dim=-1)  # [P]
 
 
-def segment_frames(normed: torch.Tensor, tau: float, ema: float, max_window: int) -> list[tuple[int, int]]:
+class FrameSimilarity:
+    """`similarity` of frame pairs of normed [T, S, D], fetched from the device in one round trip:
+    every frame against the `width` frames before it; pairs farther apart are computed when asked.
+
+    Stage I asks only for near pairs (segments hold at most max_window frames), so a prune step
+    waits for the device once instead of once per segment.
+    """
+
+    def __init__(self, normed: torch.Tensor, width: int):
+        self.normed = normed
+        width = max(0, min(width, normed.shape[0] - 1))
+        rows = [similarity(normed[w:], normed[:-w]) for w in range(1, width + 1)]  # row w-1: frame i+w vs i
+        values = torch.cat(rows).tolist() if rows else []
+        self.rows: list[list[float]] = []
+        for w in range(1, width + 1):
+            size = normed.shape[0] - w
+            self.rows.append(values[:size])
+            values = values[size:]
+
+    def __call__(self, i: int, j: int) -> float:
+        low, distance = min(i, j), abs(i - j)
+        if distance == 0:
+            raise ValueError("a frame's similarity to itself is not asked for")
+        if distance <= len(self.rows):
+            return self.rows[distance - 1][low]
+        return similarity(self.normed[low + distance], self.normed[low]).item()
+
+
+def segment_frames(
+    normed: torch.Tensor, tau: float, ema: float, max_window: int, similar: FrameSimilarity | None = None
+) -> list[tuple[int, int]]:
     """Streaming segmentation of normed [T, S, D]: [(first, last)] inclusive, covering every frame in order.
 
     A segment starts at frame i when the smoothed similarity to the segment's first frame falls
     below tau, or when the segment already holds max_window frames (no segment is longer).
+    `similar` (of these normed frames, width max_window) saves the device round trip.
     """
     count = normed.shape[0]
+    similar = similar or FrameSimilarity(normed, max_window)
     segments: list[tuple[int, int]] = []
     start, smoothed = 0, 1.0
-    to_start: list[float] = []  # similarity of frames start.. to frame start
     for i in range(1, count):
-        if i - start >= len(to_start):  # one device round trip per segment, not per frame
-            to_start = similarity(normed[start:], normed[start]).tolist()  # frames start.. vs frame start
-        smoothed = ema * to_start[i - start] + (1.0 - ema) * smoothed
+        smoothed = ema * similar(i, start) + (1.0 - ema) * smoothed
         if smoothed < tau or i - start >= max_window:
             segments.append((start, i - 1))
-            start, smoothed, to_start = i, 1.0, []
+            start, smoothed = i, 1.0
     if count:
         segments.append((start, count - 1))
     return segments
@@ -67,13 +96,14 @@ class FusedFrame:
     weights: tuple[float, ...]  # their weights, summing to 1
 
 
-def plan_fusion(normed: torch.Tensor, segments: list[tuple[int, int]]) -> list[FusedFrame]:
+def plan_fusion(
+    normed: torch.Tensor, segments: list[tuple[int, int]], similar: FrameSimilarity | None = None
+) -> list[FusedFrame]:
     """Which frames survive and which middle frames fuse pairwise, segment by segment."""
+    similar = similar or FrameSimilarity(normed, max((last - first for first, last in segments), default=0))
     long_segments = [(first, last) for first, last in segments if last - first + 1 > 2]
-    device = normed.device
-    ends = torch.tensor(long_segments, dtype=torch.long, device=device).view(-1, 2)
-    tau_seg = dict(zip(long_segments, similarity(normed[ends[:, 0]], normed[ends[:, 1]]).tolist()))
-    next_similarity = similarity(normed[:-1], normed[1:]).tolist()  # [T-1]: frame i vs i+1
+    tau_seg = {(first, last): similar(first, last) for first, last in long_segments}
+    next_similarity = [similar(i, i + 1) for i in range(normed.shape[0] - 1)]  # [T-1]: frame i vs i+1
 
     plan: list[FusedFrame] = []
     for first, last in segments:
@@ -103,18 +133,27 @@ def plan_fusion(normed: torch.Tensor, segments: list[tuple[int, int]]) -> list[F
     return plan
 
 
+def _to_device(values: list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small host list on the device without waiting for the device (pinned, asynchronous copy)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def fuse(x: torch.Tensor, plan: list[FusedFrame]) -> torch.Tensor:
     """x [T, ...] -> [T', ...]: kept frames copied exactly, fused pairs as weighted sums."""
-    kept = [fused.sources[0] for fused in plan]
-    out = x[kept]  # [T', ...] exact copies of the kept (or first) frames (indexing with a list copies)
     pairs = [row for row, fused in enumerate(plan) if len(fused.sources) == 2]
+    # one transfer: kept (or first) source of every output frame, then the pairs' rows and second sources
+    index = _to_device([fused.sources[0] for fused in plan] + pairs + [plan[row].sources[1] for row in pairs],
+                       x.device, torch.long)
+    kept, rows, second = index[: len(plan)], index[len(plan) : len(plan) + len(pairs)], index[len(plan) + len(pairs) :]
+    out = x[kept]  # [T', ...] exact copies of the kept (or first) frames
     if pairs:
-        first = torch.tensor([plan[row].sources[0] for row in pairs], device=x.device)
-        second = torch.tensor([plan[row].sources[1] for row in pairs], device=x.device)
         shape = (-1,) + (1,) * (x.dim() - 1)
-        w = torch.tensor([plan[row].weights[0] for row in pairs], device=x.device, dtype=torch.float32).view(shape)
-        mixed = w * x[first].float() + (1 - w) * x[second].float()  # [P, ...]
-        out[torch.tensor(pairs, device=x.device)] = mixed.to(x.dtype)
+        w = _to_device([plan[row].weights[0] for row in pairs], x.device, torch.float32).view(shape)
+        mixed = w * x[kept[rows]].float() + (1 - w) * x[second].float()  # [P, ...]
+        out[rows] = mixed.to(x.dtype)
     return out
 
 

@@ -1,7 +1,8 @@
 """The encoder engine: video bytes -> sampled frames -> pixels -> visual tokens, with timings.
 
-Knows nothing of gRPC. Decoding and preprocessing run on the calling thread (CPU), so several
-requests decode at once while one at a time holds the device.
+Knows nothing of gRPC. Decoding and preprocessing run on the calling thread (on CUDA the
+preprocessing runs on a stream of its own), so several requests decode at once; then the frames
+of the requests waiting for the device go through the vision tower together (tower_batcher.py).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from encoder_service.tower_batcher import TowerBatcher, TowerJob
 from encoder_service.video_decode import DecodedVideo, VideoLimits, decode_video
-from encoder_service.vision import CompressionTrace, VisionEncoder
+from encoder_service.vision import CompressionTrace, VisionEncoder, VisionOutput
 from videollm.checkpoint import check_model_dir, model_identity
 from videollm.flops import encoder_flops
 from videollm.settings import CompressionSettings, EncoderSettings
@@ -50,6 +52,8 @@ class EncodeResult:
     flops_uncompressed: float
     uncompressed_tokens: int  # T*196 + 1
     timings: EncodeTimings = field(default_factory=EncodeTimings)
+    batch_requests: int = 1  # requests whose frames went through the tower together, this one included
+    batch_frames: int = 0  # their sampled frames, together
 
 
 class EncoderEngine:
@@ -60,13 +64,19 @@ class EncoderEngine:
             raise ValueError(
                 f"default_frames ({settings.default_frames}) exceeds max_frames ({settings.max_frames})"
             )
+        if settings.batch_max_frames < settings.max_frames:
+            raise ValueError(f"batch_max_frames ({settings.batch_max_frames}) must be at least max_frames "
+                             f"({settings.max_frames}), or the longest requests could never run")
         self.settings = settings
         model_dir = check_model_dir(settings.model)
         self.model_id = model_identity(model_dir)
         self.vision = VisionEncoder(model_dir, settings.device, settings.torch_dtype_name())
         self.processor = AutoVideoProcessor.from_pretrained(model_dir)
         self.limits = VideoLimits(settings.max_video_bytes, settings.max_duration_s, settings.max_frame_pixels)
-        self._device_lock = threading.Lock()
+        # every frame bucket of a batch, for requests with the default settings and without compression
+        schedules = {self.vision.schedule(settings.compression), self.vision.schedule(CompressionSettings(method="none"))}
+        self.vision.capture_graphs(settings.batch_max_frames, list(schedules))
+        self.batcher = TowerBatcher(self._run_batch, settings.batch_max_frames)
         self._admission = threading.BoundedSemaphore(settings.max_concurrent)
         self._count_lock = threading.Lock()
         self.encodes_completed = 0
@@ -95,17 +105,13 @@ class EncoderEngine:
         timings.decode_ms = (time.perf_counter() - start) * 1e3
 
         mark = time.perf_counter()
-        # on a GPU, resize and normalise there too (the processor moves the uint8 frames first)
-        device = self.vision.device if self.vision.device.type == "cuda" else None
-        pixels = self.processor(videos=[decoded.frames], return_tensors="pt", device=device)["pixel_values_videos"][0]
-        # pixels: [T, 3, H, W]
+        job = self._preprocess(decoded, settings)
         timings.preprocess_ms = (time.perf_counter() - mark) * 1e3
 
-        mark = time.perf_counter()
-        with self._device_lock:
-            timings.queue_ms = (time.perf_counter() - mark) * 1e3
-            output = self.vision.encode(pixels, settings)
-            tokens = output.tokens.cpu()  # [T'*n + 1, D_llm]
+        self.batcher.run(job)
+        output: VisionOutput = job.result
+        tokens = output.tokens  # [T'*n + 1, D_llm] on the CPU
+        timings.queue_ms = job.queue_ms
         for name in ("vision_ms", "projector_ms", "stage1_ms", "importance_ms", "stage2_ms"):
             setattr(timings, name, getattr(output.timings, name))
         timings.total_ms = (time.perf_counter() - start) * 1e3
@@ -125,4 +131,37 @@ class EncoderEngine:
             ),
             uncompressed_tokens=num_frames * self.vision.tokens_per_frame + 1,
             timings=timings,
+            batch_requests=job.batch_requests,
+            batch_frames=job.batch_frames,
         )
+
+    def _preprocess(self, decoded: DecodedVideo, settings: CompressionSettings) -> TowerJob:
+        """Resize and normalise the frames (on a GPU there, on a stream of this thread's own so that
+        it overlaps the tower's work) -> the tower's job."""
+        key = self.vision.schedule(settings)
+        if self.vision.device.type != "cuda":
+            pixels = self.processor(videos=[decoded.frames], return_tensors="pt")["pixel_values_videos"][0]
+            return TowerJob(pixels, settings, key)  # pixels [T, 3, H, W]
+        stream = torch.cuda.Stream(self.vision.device)
+        with torch.cuda.stream(stream):
+            pixels = self.processor(videos=[decoded.frames], return_tensors="pt",
+                                    device=self.vision.device)["pixel_values_videos"][0]  # [T, 3, H, W]
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return TowerJob(pixels, settings, key, ready=ready)
+
+    def _run_batch(self, jobs: list[TowerJob]) -> list[VisionOutput]:
+        """On the batch worker: the jobs' frames through the tower together; tokens back on the CPU."""
+        for job in jobs:
+            if job.ready is not None:
+                current = torch.cuda.current_stream(self.vision.device)
+                current.wait_event(job.ready)
+                job.pixels.record_stream(current)  # made on the job's stream, freed after use on this one
+        outputs = self.vision.encode_batch([(job.pixels, job.settings) for job in jobs])
+        for output in outputs:
+            output.tokens = output.tokens.cpu()
+        return outputs
+
+    def close(self) -> None:
+        """Stop the device worker after the requests it holds."""
+        self.batcher.close()

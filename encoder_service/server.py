@@ -43,6 +43,8 @@ def header_for(result: EncodeResult, tensor: tensor_pb2.TensorHeader, model_id: 
         flops=encoder_pb2.EncoderFlops(encoder=result.flops, encoder_uncompressed=result.flops_uncompressed),
         uncompressed_tokens=result.uncompressed_tokens,
         pull_ticket=pull_ticket,
+        batch_requests=result.batch_requests,
+        batch_frames=result.batch_frames,
     )
 
 
@@ -114,6 +116,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             encodes_completed=self.engine.encodes_completed,
             peak_memory_bytes=peak_memory_bytes(self.engine.vision.device),
             pulls_served=self.pulls.pulled,
+            tower_batches=self.engine.batcher.batches_run,
+            batch_max_frames=settings.batch_max_frames,
         )
 
 
@@ -133,3 +137,4 @@ def serve(settings: EncoderSettings) -> None:
         run_until_signalled(server, health, [SERVICE_NAME])
     finally:
         servicer.pulls.close()  # no token files left in shared memory
+        servicer.engine.close()

@@ -8,9 +8,12 @@ A compiled layer call costs about 1.2 ms of host time, close to its GPU time onc
 merged frames (about 1.1 ms at 22 frames of the 7B shape on an H200); a replay takes that host
 work off each request (the tower alone measured the same with and without, 47 ms at 32 frames).
 
-All graphs share one memory pool, one input and one output buffer per bucket; an output is valid
-until the next replay of that bucket, which the encoder's layer loop respects (it fuses or copies
-every run's output before the next run). Callers hold the encoder's device lock.
+The frames of a batch of requests (`VisionEncoder.encode_batch`) go through as one input: each
+request's part is copied into its rows. All graphs share one memory pool and one input and one
+output buffer (a bucket's graph uses its first rows; a larger pass than ever before reallocates
+them and captures anew, which `VisionEncoder.capture_graphs` does up front); an output is valid
+until the next replay, which the encoder's layer loop respects (it fuses or copies every run's
+output before the next run). One thread at a time runs the tower (the encoder's batch worker).
 """
 
 from __future__ import annotations
@@ -31,18 +34,26 @@ class TowerGraphs:
         self.forward = forward  # (first, end, hidden [T, S, D]) -> layers first..end-1 called one by one
         self.pool = None
         self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
-        self.inputs: dict[int, torch.Tensor] = {}  # bucket -> [bucket, S, D]
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.inputs: torch.Tensor | None = None  # [largest bucket so far, S, D]
+        self.outputs: torch.Tensor | None = None
 
-    def run(self, first: int, end: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Layers first..end-1 on hidden [T, S, D] -> [T, S, D] (a view of a shared output buffer)."""
-        frames = hidden.shape[0]
+    def run(self, first: int, end: int, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Layers first..end-1 on the frames of all parts [T_i, S, D] -> [sum T_i, S, D], a view of the
+        shared output buffer."""
+        frames = sum(part.shape[0] for part in parts)
         bucket = math.ceil(frames / FRAME_BUCKET) * FRAME_BUCKET
-        if bucket not in self.inputs:
-            self.inputs[bucket] = torch.zeros((bucket, *hidden.shape[1:]), dtype=hidden.dtype, device=hidden.device)
-            self.outputs[bucket] = torch.zeros_like(self.inputs[bucket])
-        static_in, static_out = self.inputs[bucket], self.outputs[bucket]
-        static_in[:frames].copy_(hidden)
+        if self.inputs is None or bucket > self.inputs.shape[0]:
+            if self.graphs:
+                log.warning("%d frames in one pass, more than captured so far: capturing the tower's graphs again",
+                            frames)
+            self.graphs.clear()  # they read and write the old buffers
+            self.inputs = parts[0].new_zeros((bucket, *parts[0].shape[1:]))
+            self.outputs = torch.zeros_like(self.inputs)
+        static_in, static_out = self.inputs[:bucket], self.outputs[:bucket]
+        row = 0
+        for part in parts:
+            static_in[row : row + part.shape[0]].copy_(part)
+            row += part.shape[0]
         graph = self.graphs.get((first, end, bucket))
         if graph is None:
             graph = self.graphs[(first, end, bucket)] = self._capture(first, end, static_in, static_out)

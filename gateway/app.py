@@ -224,6 +224,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 for name in ("decode", "preprocess", "queue", "vision", "stage1", "importance", "projector",
                              "stage2", "total")
             }
+            # the requests whose frames shared the vision tower's pass with this one's (itself included)
+            body["encoder_batch"] = {"requests": header.batch_requests, "frames": header.batch_frames}
             body["flops"] = {
                 "encoder": header.flops.encoder,
                 "encoder_uncompressed": header.flops.encoder_uncompressed,

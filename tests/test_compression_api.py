@@ -188,6 +188,8 @@ def test_without_settings_earlytom_runs_at_the_published_defaults_and_reports_co
     assert all(isinstance(v, (int, float)) and v >= 0 for v in timings.values())
     assert timings["stage1"] > 0 and timings["importance"] > 0 and timings["stage2"] > 0  # the stages ran
     assert timings["total"] >= timings["vision"]
+    batch = info["encoder_batch"]  # alone, or with whatever other test's request waited beside it
+    assert batch["requests"] >= 1 and batch["frames"] >= frames
 
     # usage counts the compressed visual tokens: exactly the difference from the uncompressed prompt
     usage = response.json()["usage"]

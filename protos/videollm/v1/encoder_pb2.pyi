@@ -12,7 +12,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EncoderInfo(_message.Message):
-    __slots__ = ("model_id", "default_frames", "max_frames", "default_compression", "encoder_layers", "tokens_per_frame", "hidden_size", "dtype", "max_video_bytes", "encodes_completed", "peak_memory_bytes", "pulls_served")
+    __slots__ = ("model_id", "default_frames", "max_frames", "default_compression", "encoder_layers", "tokens_per_frame", "hidden_size", "dtype", "max_video_bytes", "encodes_completed", "peak_memory_bytes", "pulls_served", "tower_batches", "batch_max_frames")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_FRAMES_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,8 @@ class EncoderInfo(_message.Message):
     ENCODES_COMPLETED_FIELD_NUMBER: _ClassVar[int]
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     PULLS_SERVED_FIELD_NUMBER: _ClassVar[int]
+    TOWER_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     default_frames: int
     max_frames: int
@@ -37,7 +39,9 @@ class EncoderInfo(_message.Message):
     encodes_completed: int
     peak_memory_bytes: int
     pulls_served: int
-    def __init__(self, model_id: _Optional[str] = ..., default_frames: _Optional[int] = ..., max_frames: _Optional[int] = ..., default_compression: _Optional[_Union[Compression, _Mapping]] = ..., encoder_layers: _Optional[int] = ..., tokens_per_frame: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., max_video_bytes: _Optional[int] = ..., encodes_completed: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., pulls_served: _Optional[int] = ...) -> None: ...
+    tower_batches: int
+    batch_max_frames: int
+    def __init__(self, model_id: _Optional[str] = ..., default_frames: _Optional[int] = ..., max_frames: _Optional[int] = ..., default_compression: _Optional[_Union[Compression, _Mapping]] = ..., encoder_layers: _Optional[int] = ..., tokens_per_frame: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., max_video_bytes: _Optional[int] = ..., encodes_completed: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., pulls_served: _Optional[int] = ..., tower_batches: _Optional[int] = ..., batch_max_frames: _Optional[int] = ...) -> None: ...
 
 class FrameSampling(_message.Message):
     __slots__ = ("num_frames",)
@@ -152,7 +156,7 @@ class EncoderFlops(_message.Message):
     def __init__(self, encoder: _Optional[float] = ..., encoder_uncompressed: _Optional[float] = ...) -> None: ...
 
 class EncodeHeader(_message.Message):
-    __slots__ = ("tensor", "frames_sampled", "source_duration_s", "source_fps", "source_frames", "frame_indices", "timings", "compression", "model_id", "flops", "uncompressed_tokens", "pull_ticket")
+    __slots__ = ("tensor", "frames_sampled", "source_duration_s", "source_fps", "source_frames", "frame_indices", "timings", "compression", "model_id", "flops", "uncompressed_tokens", "pull_ticket", "batch_requests", "batch_frames")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     FRAMES_SAMPLED_FIELD_NUMBER: _ClassVar[int]
     SOURCE_DURATION_S_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +169,8 @@ class EncodeHeader(_message.Message):
     FLOPS_FIELD_NUMBER: _ClassVar[int]
     UNCOMPRESSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PULL_TICKET_FIELD_NUMBER: _ClassVar[int]
+    BATCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FRAMES_FIELD_NUMBER: _ClassVar[int]
     tensor: _tensor_pb2.TensorHeader
     frames_sampled: int
     source_duration_s: float
@@ -177,7 +183,9 @@ class EncodeHeader(_message.Message):
     flops: EncoderFlops
     uncompressed_tokens: int
     pull_ticket: str
-    def __init__(self, tensor: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., frames_sampled: _Optional[int] = ..., source_duration_s: _Optional[float] = ..., source_fps: _Optional[float] = ..., source_frames: _Optional[int] = ..., frame_indices: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[EncodeTimings, _Mapping]] = ..., compression: _Optional[_Union[CompressionInfo, _Mapping]] = ..., model_id: _Optional[str] = ..., flops: _Optional[_Union[EncoderFlops, _Mapping]] = ..., uncompressed_tokens: _Optional[int] = ..., pull_ticket: _Optional[str] = ...) -> None: ...
+    batch_requests: int
+    batch_frames: int
+    def __init__(self, tensor: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., frames_sampled: _Optional[int] = ..., source_duration_s: _Optional[float] = ..., source_fps: _Optional[float] = ..., source_frames: _Optional[int] = ..., frame_indices: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[EncodeTimings, _Mapping]] = ..., compression: _Optional[_Union[CompressionInfo, _Mapping]] = ..., model_id: _Optional[str] = ..., flops: _Optional[_Union[EncoderFlops, _Mapping]] = ..., uncompressed_tokens: _Optional[int] = ..., pull_ticket: _Optional[str] = ..., batch_requests: _Optional[int] = ..., batch_frames: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("ticket",)
