@@ -73,9 +73,8 @@ class EncoderEngine:
         self.vision = VisionEncoder(model_dir, settings.device, settings.torch_dtype_name())
         self.processor = AutoVideoProcessor.from_pretrained(model_dir)
         self.limits = VideoLimits(settings.max_video_bytes, settings.max_duration_s, settings.max_frame_pixels)
-        # every frame bucket of a batch, for requests with the default settings and without compression
-        schedules = {self.vision.schedule(settings.compression), self.vision.schedule(CompressionSettings(method="none"))}
-        self.vision.capture_graphs(settings.batch_max_frames, list(schedules))
+        # every frame bucket of a batch of requests with the default settings (others capture when first run)
+        self.vision.capture_graphs(settings.batch_max_frames, [self.vision.schedule(settings.compression)])
         self.batcher = TowerBatcher(self._run_batch, settings.batch_max_frames)
         self._admission = threading.BoundedSemaphore(settings.max_concurrent)
         self._count_lock = threading.Lock()

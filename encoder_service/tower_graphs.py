@@ -2,7 +2,7 @@
 
 Between EarlyTom's prune layers the frame count is fixed, so each run of layers is one graph per
 (first layer, end, frame bucket). Frames never interact inside a SigLIP layer (attention is within
-a frame), so a run pads its frames up to a multiple of FRAME_BUCKET with whatever its input buffer
+a frame), so a run pads its frames up to its bucket (`bucket_of`) with whatever its input buffer
 held before and drops them after: few graphs, each captured the first time its shape is needed.
 A compiled layer call costs about 1.2 ms of host time, close to its GPU time once Stage I has
 merged frames (about 1.1 ms at 22 frames of the 7B shape on an H200); a replay takes that host
@@ -26,7 +26,20 @@ import torch
 
 log = logging.getLogger(__name__)
 
-FRAME_BUCKET = 4
+FRAME_BUCKET = 4  # frame counts are padded to a multiple of this up to SMALL_PASS frames,
+SMALL_PASS = 64  # and above it (batches of several requests) to a multiple of
+LARGE_FRAME_BUCKET = 16  # this, so that there are fewer graphs to capture
+
+
+def bucket_of(frames: int) -> int:
+    """The frame count a pass of `frames` frames is padded to."""
+    step = FRAME_BUCKET if frames <= SMALL_PASS else LARGE_FRAME_BUCKET
+    return math.ceil(frames / step) * step
+
+
+def buckets_up_to(frames: int) -> list[int]:
+    """Every bucket a pass of at most `frames` frames can use, largest first."""
+    return sorted({bucket_of(n) for n in range(1, frames + 1)}, reverse=True)
 
 
 class TowerGraphs:
@@ -41,7 +54,7 @@ class TowerGraphs:
         """Layers first..end-1 on the frames of all parts [T_i, S, D] -> [sum T_i, S, D], a view of the
         shared output buffer."""
         frames = sum(part.shape[0] for part in parts)
-        bucket = math.ceil(frames / FRAME_BUCKET) * FRAME_BUCKET
+        bucket = bucket_of(frames)
         if self.inputs is None or bucket > self.inputs.shape[0]:
             if self.graphs:
                 log.warning("%d frames in one pass, more than captured so far: capturing the tower's graphs again",

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from encoder_service import earlytom
-from encoder_service.tower_graphs import FRAME_BUCKET, TowerGraphs
+from encoder_service.tower_graphs import TowerGraphs, buckets_up_to
 from videollm.checkpoint import (
     NEWLINE,
     PROJECTOR,
@@ -202,7 +202,7 @@ class VisionEncoder:
         with torch.inference_mode():
             # the largest first: the buffers are allocated once
             hidden = self.tower.embeddings(torch.zeros(1, 3, size, size, device=self.device, dtype=self.dtype))
-            for frames in range(max_frames, 0, -FRAME_BUCKET):
+            for frames in buckets_up_to(max_frames):
                 part = hidden.expand(frames, -1, -1)
                 for schedule in schedules:
                     for first, end in schedule.runs():
