@@ -1,8 +1,9 @@
 """The encoder engine: video bytes -> sampled frames -> pixels -> visual tokens, with timings.
 
 Knows nothing of gRPC. Decoding and preprocessing run on the calling thread (on CUDA the
-preprocessing runs on a stream of its own), so several requests decode at once; then the frames
-of the requests waiting for the device go through the vision tower together (tower_batcher.py).
+preprocessing runs on a stream of its own), so several requests decode at once; then one worker
+runs them through the vision tower, the frames of several waiting requests together when
+batch_max_requests allows (tower_batcher.py).
 """
 
 from __future__ import annotations
@@ -73,9 +74,10 @@ class EncoderEngine:
         self.vision = VisionEncoder(model_dir, settings.device, settings.torch_dtype_name())
         self.processor = AutoVideoProcessor.from_pretrained(model_dir)
         self.limits = VideoLimits(settings.max_video_bytes, settings.max_duration_s, settings.max_frame_pixels)
-        # every frame bucket of a batch of requests with the default settings (others capture when first run)
-        self.vision.capture_graphs(settings.batch_max_frames, [self.vision.schedule(settings.compression)])
-        self.batcher = TowerBatcher(self._run_batch, settings.batch_max_frames)
+        # every frame bucket of a pass with the default settings (other schedules capture when first run)
+        pass_frames = settings.batch_max_frames if settings.batch_max_requests > 1 else settings.max_frames
+        self.vision.capture_graphs(pass_frames, [self.vision.schedule(settings.compression)])
+        self.batcher = TowerBatcher(self._run_batch, pass_frames, settings.batch_max_requests)
         self._admission = threading.BoundedSemaphore(settings.max_concurrent)
         self._count_lock = threading.Lock()
         self.encodes_completed = 0

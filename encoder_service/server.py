@@ -117,7 +117,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             peak_memory_bytes=peak_memory_bytes(self.engine.vision.device),
             pulls_served=self.pulls.pulled,
             tower_batches=self.engine.batcher.batches_run,
-            batch_max_frames=settings.batch_max_frames,
+            batch_max_frames=self.engine.batcher.max_frames,
+            batch_max_requests=self.engine.batcher.max_requests,
         )
 
 

@@ -1,13 +1,18 @@
 """Frames of concurrent requests batched through the vision tower by one device worker.
 
 Requests decode and preprocess on their own threads, then wait here. A single worker thread owns
-the device: whenever it is free it takes the oldest waiting request and every other waiting
-request with the same layer schedule (`VisionEncoder.schedule`), up to `max_frames` sampled
-frames in all, and runs them as one batch (`VisionEncoder.encode_batch`). Nothing waits for a
+the device: whenever it is free it takes the oldest waiting request and the other waiting
+requests with the same layer schedule (`VisionEncoder.schedule`), up to `max_requests` requests
+and `max_frames` sampled frames in all, and runs them as one batch (`VisionEncoder.encode_batch`). Nothing waits for a
 batch to fill: a request that finds the device idle runs at once, alone. Frames never interact
 inside a SigLIP layer and EarlyTom's steps run per request, so a request's tokens do not depend
 on its batch; if a batch fails, each of its requests is retried alone, so that one request's
 failure is its own.
+
+Measured on an H200 (docs/bench/README.md), batching raised the tower's own throughput by only
+1.09x at 4 requests of 32 frames (its matrix products are already efficient at one request's
+frames) and lowered end-to-end throughput (requests finish in bursts), so the service's default
+is one request per pass (`EncoderSettings.batch_max_requests`).
 """
 
 from __future__ import annotations
@@ -43,10 +48,11 @@ class TowerJob:
 
 
 class TowerBatcher:
-    def __init__(self, run_batch: Callable[[list[TowerJob]], list[object]], max_frames: int):
+    def __init__(self, run_batch: Callable[[list[TowerJob]], list[object]], max_frames: int, max_requests: int):
         """run_batch: jobs of one key -> one result each, in order (runs on the worker thread)."""
         self.run_batch = run_batch
         self.max_frames = max_frames
+        self.max_requests = max_requests
         self._waiting: deque[TowerJob] = deque()
         self._wake = threading.Condition()
         self._closed = False
@@ -90,7 +96,7 @@ class TowerBatcher:
         first = self._waiting.popleft()
         batch, frames, others = [first], first.frames, deque()
         for job in self._waiting:
-            if job.key == first.key and frames + job.frames <= self.max_frames:
+            if len(batch) < self.max_requests and job.key == first.key and frames + job.frames <= self.max_frames:
                 batch.append(job)
                 frames += job.frames
             else:

@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import GrpcService
+from encoder_service.engine import EncoderEngine
+from encoder_service.server import start as start_encoder
 from encoder_service.tower_batcher import TowerBatcher, TowerJob
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc
-from videollm.settings import CompressionSettings
+from videollm.settings import CompressionSettings, EncoderSettings
 from videos import make_video, moving_frames, scene_cut_frames
 
 
@@ -115,7 +118,7 @@ def run_all(batcher: TowerBatcher, recorder: Recorder, jobs: list[TowerJob]) -> 
 
 def test_waiting_requests_of_one_key_share_a_batch_up_to_the_frame_limit():
     recorder = Recorder()
-    batcher = TowerBatcher(recorder, max_frames=10)
+    batcher = TowerBatcher(recorder, max_frames=10, max_requests=8)
     jobs = [job(0, 4), job(1, 4), job(2, 3, key="b"), job(3, 4), job(4, 2), job(5, 3, key="b")]
     results = run_all(batcher, recorder, jobs)
     assert results == [0, 10, 20, 30, 40, 50]
@@ -128,9 +131,18 @@ def test_waiting_requests_of_one_key_share_a_batch_up_to_the_frame_limit():
     batcher.close()
 
 
+def test_a_batch_holds_at_most_max_requests():
+    recorder = Recorder()
+    batcher = TowerBatcher(recorder, max_frames=10, max_requests=2)
+    jobs = [job(0, 4), job(1, 4), job(2, 3, key="b"), job(3, 4), job(4, 2), job(5, 3, key="b")]
+    assert run_all(batcher, recorder, jobs) == [0, 10, 20, 30, 40, 50]
+    assert recorder.batches == [[0], [1, 3], [2, 5], [4]]
+    batcher.close()
+
+
 def test_a_failing_request_fails_alone_and_its_batch_mates_are_served():
     recorder = Recorder(fail_on=2)
-    batcher = TowerBatcher(recorder, max_frames=64)
+    batcher = TowerBatcher(recorder, max_frames=64, max_requests=8)
     results = run_all(batcher, recorder, [job(0, 1), job(1, 1), job(2, 1), job(3, 1)])
     assert results[:2] == [0, 10] and results[3] == 30
     assert isinstance(results[2], RuntimeError) and "job 2 is bad" in str(results[2])
@@ -140,61 +152,83 @@ def test_a_failing_request_fails_alone_and_its_batch_mates_are_served():
 
 
 def test_a_closed_batcher_refuses_new_requests_with_a_clear_error():
-    batcher = TowerBatcher(lambda jobs: [None] * len(jobs), max_frames=8)
+    batcher = TowerBatcher(lambda jobs: [None] * len(jobs), max_frames=8, max_requests=2)
     batcher.close()
     with pytest.raises(RuntimeError, match="shutting down"):
         batcher.run(job(0, 1))
     with pytest.raises(ValueError, match="exceed the batch limit of 8"):
-        TowerBatcher(lambda jobs: [], max_frames=8).run(job(0, 9))
+        TowerBatcher(lambda jobs: [], max_frames=8, max_requests=2).run(job(0, 9))
 
 
 # -- through the real encoder service ------------------------------------------------------------
 
 
-def test_concurrent_encode_calls_share_the_tower_and_get_their_own_tokens(encoder_service):
-    """Four Encode calls over gRPC while the device is held: one alone, then three in one batch,
-    each with the tokens it gets when it runs alone."""
-    engine = encoder_service.engine
-    videos = [make_video("mp4", 24 + 8 * i) for i in range(4)]
-    frames = [4, 6, 3, 5]
+@pytest.fixture(scope="module")
+def batching_encoder(tiny_model_dir):
+    settings = EncoderSettings(model=tiny_model_dir, port=0, max_frames=64, batch_max_requests=4)
+    engine = EncoderEngine(settings)
+    server, _, port = start_encoder(settings, engine)
+    yield GrpcService(f"127.0.0.1:{port}", engine, server)
+    server.stop(None)
+    engine.close()
 
-    def call(stub, i):
-        responses = list(stub.Encode(encoder_pb2.EncodeRequest(
-            video=videos[i], sampling=encoder_pb2.FrameSampling(num_frames=frames[i]))))
-        return responses[0].header, b"".join(r.chunk.data for r in responses[1:])
 
-    with grpc.insecure_channel(encoder_service.address) as channel:
+VIDEOS = [make_video("mp4", 24 + 8 * i) for i in range(4)]
+FRAMES = [4, 6, 3, 5]
+
+
+def encode_call(stub, i: int):
+    responses = list(stub.Encode(encoder_pb2.EncodeRequest(
+        video=VIDEOS[i], sampling=encoder_pb2.FrameSampling(num_frames=FRAMES[i]))))
+    return responses[0].header, b"".join(r.chunk.data for r in responses[1:])
+
+
+def calls_while_the_device_is_held(service, stub) -> list:
+    """Four Encode calls over gRPC: the first holds the device until the other three wait."""
+    engine = service.engine
+    gate, entered, real = threading.Event(), threading.Event(), engine.batcher.run_batch
+
+    def gated(jobs):
+        entered.set()
+        gate.wait(10)
+        return real(jobs)
+
+    engine.batcher.run_batch = gated
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(encode_call, stub, 0)
+            assert entered.wait(20), "the first call never reached the device"
+            deadline = time.monotonic() + 20
+            rest = [pool.submit(encode_call, stub, i) for i in (1, 2, 3)]
+            while len(engine.batcher._waiting) < 3:
+                assert time.monotonic() < deadline, "the three calls never waited together"
+                time.sleep(0.01)
+            gate.set()
+            return [first.result()] + [f.result() for f in rest]
+    finally:
+        engine.batcher.run_batch = real
+
+
+@pytest.mark.parametrize("batching", [True, False], ids=["batch_max_requests=4", "default"])
+def test_concurrent_encode_calls_get_their_own_tokens_batched_or_not(batching, batching_encoder, encoder_service):
+    service = batching_encoder if batching else encoder_service
+    with grpc.insecure_channel(service.address) as channel:
         stub = encoder_pb2_grpc.EncoderStub(channel)
-        alone = [call(stub, i) for i in range(4)]
+        alone = [encode_call(stub, i) for i in range(4)]
         assert all(header.batch_requests == 1 for header, _ in alone)
         before = stub.Info(encoder_pb2.InfoRequest()).tower_batches
-
-        gate, entered, real = threading.Event(), threading.Event(), engine.batcher.run_batch
-
-        def gated(jobs):  # hold the first batch on the device until the others wait
-            entered.set()
-            gate.wait(10)
-            return real(jobs)
-
-        engine.batcher.run_batch = gated
-        try:
-            with ThreadPoolExecutor(4) as pool:
-                first = pool.submit(call, stub, 0)
-                assert entered.wait(20), "the first call never reached the device"
-                deadline = time.monotonic() + 20
-                rest = [pool.submit(call, stub, i) for i in (1, 2, 3)]
-                while len(engine.batcher._waiting) < 3:
-                    assert time.monotonic() < deadline, "the three calls never waited together"
-                    time.sleep(0.01)
-                gate.set()
-                together = [first.result()] + [f.result() for f in rest]
-        finally:
-            engine.batcher.run_batch = real
+        together = calls_while_the_device_is_held(service, stub)
         info = stub.Info(encoder_pb2.InfoRequest())
 
-    assert [h.batch_requests for h, _ in together] == [1, 3, 3, 3]
-    assert [h.batch_frames for h, _ in together] == [4, 14, 14, 14]
-    assert info.tower_batches - before == 2 and info.batch_max_frames == engine.settings.batch_max_frames
+    if batching:  # one alone, then the three that waited in one pass
+        assert [h.batch_requests for h, _ in together] == [1, 3, 3, 3]
+        assert [h.batch_frames for h, _ in together] == [4, 14, 14, 14]
+        assert info.tower_batches - before == 2 and info.batch_max_requests == 4
+    else:  # the default: one request per pass, whatever waits
+        assert [h.batch_requests for h, _ in together] == [1, 1, 1, 1]
+        assert [h.batch_frames for h, _ in together] == FRAMES
+        assert info.tower_batches - before == 4 and info.batch_max_requests == 1
+    assert info.batch_max_frames >= 64
     for (header, payload), (header_alone, payload_alone) in zip(together, alone):
         assert payload == payload_alone
         assert header.compression == header_alone.compression

@@ -96,8 +96,11 @@ class EncoderSettings(_ServiceSettings):
     port: int = 50051
     default_frames: int = Field(32, ge=1)
     max_frames: int = Field(64, ge=1)
-    batch_max_frames: int = Field(128, ge=1, description="most sampled frames of concurrent requests that go "
-                                  "through the vision tower together (at least max_frames)")
+    batch_max_requests: int = Field(1, ge=1, le=64, description="requests whose frames may go through the vision "
+                                    "tower together (1 = each alone: on an H200 batching lowered end-to-end "
+                                    "throughput, see docs/bench/README.md)")
+    batch_max_frames: int = Field(128, ge=1, description="most sampled frames in one pass of the vision tower when "
+                                  "batch_max_requests > 1 (at least max_frames)")
     max_video_bytes: int = Field(256 * MiB, ge=1)
     max_duration_s: float = Field(4 * 3600.0, gt=0)
     max_frame_pixels: int = Field(3840 * 2160, ge=1, description="width*height of one decoded frame")
