@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -56,6 +57,28 @@ def _check_graphs(vision) -> None:
         print(f"importance, {frames} frames: compiled against eager max abs difference "
               f"{(compiled - eager).abs().max().item():.3g} (values up to {eager.abs().max().item():.3g}); "
               f"same top 10% per frame: {_same_top(compiled, eager):.3f}")
+
+
+def _decode_rows(clip: bytes, frames: int, repeats: int) -> list[dict]:
+    """Video decoding of the clip: each keyframe segment alone, then all of them as served."""
+    from encoder_service import video_decode
+
+    limits = video_decode.VideoLimits(len(clip), 1e9, 1 << 40)
+    index = video_decode._scan(clip)
+    rows = []
+    for start, wanted in video_decode._segments(index, video_decode.sample_indices(index.frames, frames)).items():
+        ms = median_ms(lambda: video_decode._decode_segment(clip, index, start, wanted), repeats)
+        rows.append({"decoded": f"segment from frame {start} alone ({len(wanted)} frames sampled)", "wall_ms": ms})
+    cpu = []
+
+    def served():
+        mark = time.process_time()
+        video_decode.decode_video(clip, frames, limits)
+        cpu.append((time.process_time() - mark) * 1e3)
+
+    rows.append({"decoded": f"all {frames} frames, as served", "wall_ms": median_ms(served, repeats),
+                 "cpu_ms": statistics.median(cpu)})
+    return rows
 
 
 def _batch_rows(engine, clip: bytes, repeats: int) -> list[dict]:
@@ -138,6 +161,7 @@ def main(argv=None) -> int:
                          "max_abs_difference_to_served": differs})
 
     batch_rows = _batch_rows(engine, clip, args.repeats) if engine.vision.device.type == "cuda" else []
+    decode_rows = _decode_rows(clip, 32, args.repeats)
     if engine.vision.graphs is not None:
         _check_graphs(engine.vision)
     device = engine.vision.device
@@ -156,6 +180,10 @@ def main(argv=None) -> int:
         if "tower_ms" in row:
             print(f"| {row['frames']} | {row['retain']} | {row['tower_ms']:.1f} | {row['tower_tflops']:.0f} | "
                   f"{row['max_abs_difference_to_served']:.3g} |")
+    print(f"\nVideo decoding of the clip, 32 frames ({os.cpu_count()} CPU cores; median ms):\n")
+    print("| decoded | wall ms | CPU ms |\n|---|---|---|")
+    for row in decode_rows:
+        print(f"| {row['decoded']} | {row['wall_ms']:.1f} | {row.get('cpu_ms', float('nan')):.0f} |")
     if batch_rows:
         print("\nFrames of concurrent requests through the tower together (32 frames each, retain 0.1, "
               "pixels ready on the device; `encode_batch` against one `encode` after another):\n")
@@ -174,7 +202,7 @@ def main(argv=None) -> int:
         if args.trace:
             prof.export_chrome_trace(str(args.trace))
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "batch_rows": batch_rows}, indent=1))
+        args.json.write_text(json.dumps({"rows": rows, "batch_rows": batch_rows, "decode_rows": decode_rows}, indent=1))
     return 0
 
 

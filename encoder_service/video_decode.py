@@ -119,13 +119,19 @@ def _decode_segment(data: bytes, index: _Index, start: int, wanted: list[int]) -
     return found
 
 
-def _decode_selected(data: bytes, index: _Index, indices: list[int]) -> dict[int, np.ndarray]:
-    """The frames at `indices`, decoded in parallel from the keyframes that precede them (one
-    thread per keyframe segment; FFmpeg releases the GIL while it decodes)."""
+def _segments(index: _Index, indices: list[int]) -> dict[int, list[int]]:
+    """Keyframe (presentation index) -> the wanted indices decoded from it, in order."""
     segments: dict[int, list[int]] = {}
     for wanted in sorted(set(indices)):
         start = index.keyframes[bisect.bisect_right(index.keyframes, wanted) - 1]
         segments.setdefault(start, []).append(wanted)
+    return segments
+
+
+def _decode_selected(data: bytes, index: _Index, indices: list[int]) -> dict[int, np.ndarray]:
+    """The frames at `indices`, decoded in parallel from the keyframes that precede them (one
+    thread per keyframe segment; FFmpeg releases the GIL while it decodes)."""
+    segments = _segments(index, indices)
     if len(segments) == 1:
         ((start, wanted),) = segments.items()
         return _decode_segment(data, index, start, wanted)
