@@ -232,3 +232,11 @@ def test_concurrent_encode_calls_get_their_own_tokens_batched_or_not(batching, b
     for (header, payload), (header_alone, payload_alone) in zip(together, alone):
         assert payload == payload_alone
         assert header.compression == header_alone.compression
+
+
+def test_a_pass_limit_below_max_frames_is_refused_only_when_batching(tiny_model_dir):
+    with pytest.raises(ValueError, match="batch_max_frames \\(32\\) must be at least max_frames \\(64\\)"):
+        EncoderEngine(EncoderSettings(model=tiny_model_dir, max_frames=64, batch_max_frames=32, batch_max_requests=2))
+    engine = EncoderEngine(EncoderSettings(model=tiny_model_dir, max_frames=64, batch_max_frames=32))
+    assert engine.batcher.max_frames == 64 and engine.batcher.max_requests == 1
+    engine.close()
