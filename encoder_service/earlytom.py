@@ -13,6 +13,7 @@ work per token is tensor operations.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -51,12 +52,9 @@ class FrameSimilarity:
         self.normed = normed
         width = max(0, min(width, normed.shape[0] - 1))
         rows = [similarity(normed[w:], normed[:-w]) for w in range(1, width + 1)]  # row w-1: frame i+w vs i
-        values = torch.cat(rows).tolist() if rows else []
-        self.rows: list[list[float]] = []
-        for w in range(1, width + 1):
-            size = normed.shape[0] - w
-            self.rows.append(values[:size])
-            values = values[size:]
+        values = torch.cat(rows).tolist() if rows else []  # the one round trip
+        starts = [0, *itertools.accumulate(row.shape[0] for row in rows)]
+        self.rows: list[list[float]] = [values[a:b] for a, b in zip(starts, starts[1:])]
 
     def __call__(self, i: int, j: int) -> float:
         low, distance = min(i, j), abs(i - j)

@@ -176,7 +176,7 @@ class VisionEncoder:
             except RuntimeError as err:  # a capture this build of torch cannot do: run the layers as they are
                 log.warning("CUDA graphs of the vision tower are off: %s", err)
                 self.graphs = None
-        return self._call_layers(first, end, parts[0] if len(parts) == 1 else torch.cat(parts))
+        return self._call_layers(first, end, _joined(parts))
 
     def _call_layers(self, first: int, end: int, hidden: torch.Tensor) -> torch.Tensor:
         """Encoder layers first..end-1 called one by one: hidden [T, S, D] -> [T, S, D]."""
@@ -231,14 +231,14 @@ class VisionEncoder:
         timings = VisionTimings()  # the batch's; every request reports them
 
         start = time.perf_counter()
-        pixels = torch.cat([p.to(self.device, self.dtype) for p, _ in requests])  # [sum T, 3, H, W]
+        pixels = _joined([p.to(self.device, self.dtype) for p, _ in requests])  # [sum T, 3, H, W]
         parts = list(self.tower.embeddings(pixels).split([f.frames for f in flows]))  # [T_i, S, D_vision]
         layers = self.tower.encoder.layers
         for first, end in schedule.runs():
             live = [part.shape[0] for part in parts]
             if first == schedule.score_layer:
                 mark = time.perf_counter()
-                scores = self.importance(layers[first], torch.cat(parts)).split(live)  # [T'_i, S]
+                scores = self.importance(layers[first], _joined(parts)).split(live)  # [T'_i, S]
                 for flow, score in zip(flows, scores):
                     flow.scores = score
                 timings.importance_ms += (time.perf_counter() - mark) * 1e3
@@ -263,7 +263,7 @@ class VisionEncoder:
 
         start = time.perf_counter()
         merged = [hidden.shape[0] for hidden in parts]
-        features = self.pool(self.projector(torch.cat(parts))).split(merged)  # [T'_i, 196, D_llm]
+        features = self.pool(self.projector(_joined(parts))).split(merged)  # [T'_i, 196, D_llm]
         _synchronize(self.device)
         timings.projector_ms = (time.perf_counter() - start) * 1e3
 
@@ -299,6 +299,11 @@ class VisionEncoder:
             prune_layers=list(self.schedule(settings).prune),
         )
         return VisionOutput(tokens=tokens, frames=flow.frames, trace=trace)
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Parts [T_i, ...] -> [sum T_i, ...]; a lone part as it is (no copy: one request per pass is the default)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _segments(hidden: torch.Tensor, settings: CompressionSettings) -> list[tuple[int, int]]:
