@@ -61,14 +61,6 @@ class EncoderEngine:
     def __init__(self, settings: EncoderSettings):
         from transformers import AutoVideoProcessor
 
-        if settings.default_frames > settings.max_frames:
-            raise ValueError(
-                f"default_frames ({settings.default_frames}) exceeds max_frames ({settings.max_frames})"
-            )
-        if settings.batch_max_requests > 1 and settings.batch_max_frames < settings.max_frames:
-            raise ValueError(f"batch_max_frames ({settings.batch_max_frames}) must be at least max_frames "
-                             f"({settings.max_frames}) when batch_max_requests > 1, or the longest requests "
-                             "could never run")
         self.settings = settings
         model_dir = check_model_dir(settings.model)
         self.model_id = model_identity(model_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import grpc
 
@@ -13,7 +14,7 @@ from videollm import wire
 from videollm.checkpoint import peak_memory_bytes
 from videollm.grpc_server import MiB, run_until_signalled, start_service
 from videollm.proto_mapping import compression_from_proto, compression_to_proto
-from videollm.settings import EncoderSettings
+from videollm.settings import EncoderSettings, public_settings
 
 SERVICE_NAME = "videollm.v1.Encoder"
 
@@ -119,6 +120,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             tower_batches=self.engine.batcher.batches_run,
             batch_max_frames=self.engine.batcher.max_frames,
             batch_max_requests=self.engine.batcher.max_requests,
+            settings_json=json.dumps(public_settings(settings)),
         )
 
 

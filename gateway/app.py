@@ -30,9 +30,9 @@ from gateway.metrics import GatewayMetrics
 from gateway.pipeline import ChatRequest, Outcome, Pipeline, VideoRequest
 from gateway.schemas import ChatCompletionRequest, TextPart, VideoPart
 from gateway.videos import VIDEO_ID, UploadStore, Video, decode_data_url, probe_video, too_large
-from protos.videollm.v1 import encoder_pb2_grpc, llm_pb2
+from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, llm_pb2
 from videollm.proto_mapping import compression_from_proto
-from videollm.settings import CompressionSettings, GatewaySettings
+from videollm.settings import CompressionSettings, GatewaySettings, public_settings
 
 log = logging.getLogger(__name__)
 
@@ -406,6 +406,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             "redis": redis,
         }
         return JSONResponse(body, status_code=200 if serving else 503)
+
+    @app.get("/info")
+    async def server_info():
+        """Every setting in effect: the gateway's own and each replica's (secrets left out)."""
+        encoders = await asyncio.gather(*(r.reported_settings(encoder_pb2.InfoRequest()) for r in rt.encoders.replicas))
+        llms = await asyncio.gather(*(r.reported_settings(llm_pb2.LLMInfoRequest()) for r in rt.llms.replicas))
+        return {"gateway": public_settings(settings),
+                "encoders": dict(zip((r.address for r in rt.encoders.replicas), encoders)),
+                "llms": dict(zip((r.address for r in rt.llms.replicas), llms))}
 
     @app.get("/metrics")
     async def prometheus_metrics():

@@ -7,6 +7,7 @@ robin), skipping replicas whose last call failed with UNAVAILABLE for a short wh
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,6 +41,14 @@ class Replica:
         except grpc.aio.AioRpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def reported_settings(self, info_request, timeout_s: float = 5.0) -> dict:
+        """The settings in effect that this replica reports in its Info, or the error of the call."""
+        try:
+            info = await self.stub.Info(info_request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as err:
+            return {"error": err.code().name}
+        return json.loads(info.settings_json or "{}")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -15,7 +16,7 @@ from protos.videollm.v1 import llm_pb2, llm_pb2_grpc
 from videollm import wire
 from videollm.checkpoint import peak_memory_bytes
 from videollm.grpc_server import MiB, run_until_signalled, start_service
-from videollm.settings import LLMSettings
+from videollm.settings import LLMSettings, public_settings
 
 SERVICE_NAME = "videollm.v1.LLM"
 
@@ -140,6 +141,7 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
             decode_slots=self.engine.runner.slots,
             active_sequences=self.engine.batcher.active,
             waiting_sequences=self.engine.batcher.waiting,
+            settings_json=json.dumps(public_settings(settings)),
         )
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, field_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1 << 20
@@ -23,6 +24,19 @@ def default_model_dir() -> Path:
     """Where the embedded default model lives (built on first use by `videollm serve`)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return cache / "videollm" / "tiny-llava-onevision"
+
+
+def public_settings(settings: BaseModel) -> dict:
+    """Every setting in effect, as JSON-ready values, without secrets (fields with repr=False, the
+    password of a URL): what the services report in Info and the gateway in /info."""
+    values = settings.model_dump(mode="json", exclude={n for n, f in type(settings).model_fields.items() if not f.repr})
+    for name, value in values.items():
+        if isinstance(value, str) and "://" in value:
+            url = urlsplit(value)
+            if url.password:
+                netloc = f"{url.username or ''}:***@{url.hostname}" + (f":{url.port}" if url.port else "")
+                values[name] = urlunsplit(url._replace(netloc=netloc))
+    return values
 
 
 REFERENCE_ENCODER_DEPTH = 26  # prune_layers are given for LLaVA-OneVision's 26-layer SigLIP
@@ -38,10 +52,10 @@ class CompressionSettings(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    method: Literal["none", "earlytom"] = "earlytom"
+    method: Literal["none", "earlytom"] = Field("earlytom", description="none sends all T*196+1 tokens")
     retain_ratio: float = Field(0.2, gt=0.0, le=1.0, description="share of the T*196 tokens kept")
     tau: float = Field(0.5, ge=-1.0, le=1.0, description="segment boundary: smoothed similarity below tau")
-    max_window: int = Field(6, ge=1, le=1024, description="most frames in one segment")
+    max_window: int = Field(6, ge=1, le=1024, description="a segment holds at most max(1, max_window - 1) frames")
     ema: float = Field(0.9, gt=0.0, le=1.0, description="weight of the newest frame in the smoothed similarity")
     prune_layers: list[int] = Field([8, 21, 23], max_length=REFERENCE_ENCODER_DEPTH,
                                     description="encoder layers (0-25) after which frames merge")
@@ -67,9 +81,10 @@ class CompressionSettings(BaseModel):
 
 
 class _ServiceSettings(BaseSettings):
-    model: Path = Field(default_factory=default_model_dir, description="local checkpoint directory")
-    host: str = "127.0.0.1"
-    device: str = "cpu"
+    model: Path = Field(default_factory=default_model_dir,
+                        description="local checkpoint directory (default: the embedded model)")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto = bfloat16 on CUDA, float32 on the CPU"
     )
@@ -93,35 +108,49 @@ class _ServiceSettings(BaseSettings):
 class EncoderSettings(_ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="VIDEOLLM_ENCODER_", env_nested_delimiter="__", extra="ignore")
 
-    port: int = 50051
-    default_frames: int = Field(32, ge=1)
-    max_frames: int = Field(64, ge=1)
+    port: int = Field(50051, description="port to listen on")
+    default_frames: int = Field(32, ge=1, description="frames sampled when a request names none (at most "
+                                "max_frames: a lower max_frames lowers it too unless it is given)")
+    max_frames: int = Field(64, ge=1, description="largest num_frames a request may ask for")
     batch_max_requests: int = Field(1, ge=1, le=64, description="requests whose frames may go through the vision "
                                     "tower together (1 = each alone: on an H200 batching lowered end-to-end "
                                     "throughput, see docs/bench/README.md)")
     batch_max_frames: int = Field(128, ge=1, description="most sampled frames in one pass of the vision tower when "
                                   "batch_max_requests > 1 (at least max_frames)")
-    max_video_bytes: int = Field(256 * MiB, ge=1)
-    max_duration_s: float = Field(4 * 3600.0, gt=0)
+    max_video_bytes: int = Field(256 * MiB, ge=1, description="largest video file accepted")
+    max_duration_s: float = Field(4 * 3600.0, gt=0, description="longest video accepted, in seconds")
     max_frame_pixels: int = Field(3840 * 2160, ge=1, description="width*height of one decoded frame")
     compression: CompressionSettings = CompressionSettings()
     pull_buffer_bytes: int = Field(1024 * MiB, ge=0, description="recent token tensors kept for an LLM to pull "
                                    "straight from this encoder (0 = off: tokens go through the gateway)")
     pull_ttl_s: float = Field(30.0, ge=0, description="how long a token tensor waits for its pull")
 
+    @model_validator(mode="after")
+    def _frame_limits(self) -> EncoderSettings:
+        if self.default_frames > self.max_frames:
+            if "default_frames" in self.model_fields_set:
+                raise ValueError(f"default_frames ({self.default_frames}) must be at most max_frames "
+                                 f"({self.max_frames})")
+            self.default_frames = self.max_frames  # only the limit was given: the default follows it
+        if self.batch_max_requests > 1 and self.batch_max_frames < self.max_frames:
+            raise ValueError(f"batch_max_frames ({self.batch_max_frames}) must be at least max_frames "
+                             f"({self.max_frames}) when batch_max_requests > 1, or the longest requests could "
+                             "never run")
+        return self
+
 
 class LLMSettings(_ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="VIDEOLLM_LLM_", extra="ignore")
 
-    port: int = 50052
+    port: int = Field(50052, description="port to listen on")
     max_concurrent: int = Field(64, ge=1, description="requests admitted at once (decoding or waiting for a "
                                 "decode slot); more get RESOURCE_EXHAUSTED")
     decode_slots: int = Field(16, ge=1, le=256, description="requests decoded together (continuous batching); "
                               "each slot holds a KV cache of max_context_tokens")
-    default_max_tokens: int = Field(256, ge=1)
-    max_tokens_limit: int = Field(4096, ge=1)
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens of a request that names none")
+    max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     max_context_tokens: int = Field(32768, ge=1, description="prompt + visual + completion tokens")
-    max_visual_bytes: int = Field(1024 * MiB, ge=1)
+    max_visual_bytes: int = Field(1024 * MiB, ge=1, description="largest visual token tensor accepted")
     prefix_cache_entries: int = Field(8, ge=0, description="KV caches of video prefixes kept for repeat questions")
     pull_timeout_s: float = Field(10.0, gt=0, description="longest wait for visual tokens pulled from an encoder")
 
@@ -141,16 +170,18 @@ class GatewaySettings(BaseSettings):
     # hide_input_in_errors: a bad value must not echo an API key (or a password in redis_url) in the error
     model_config = SettingsConfigDict(env_prefix="VIDEOLLM_GATEWAY_", extra="ignore", hide_input_in_errors=True)
 
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, description="port to listen on")
     model_name: str = Field("videollm", description="the model name clients pass and /v1/models lists")
     api_keys: Annotated[list[str], NoDecode] = Field(
         [], repr=False, description="keys clients send as 'Authorization: Bearer <key>'; empty = no authentication"
     )
-    encoders: Annotated[list[str], NoDecode] = ["127.0.0.1:50051"]
-    llms: Annotated[list[str], NoDecode] = ["127.0.0.1:50052"]
+    encoders: Annotated[list[str], NoDecode] = Field(["127.0.0.1:50051"], description="encoder addresses host:port")
+    llms: Annotated[list[str], NoDecode] = Field(["127.0.0.1:50052"], description="LLM addresses host:port")
     redis_url: str | None = Field(
-        None, validation_alias=AliasChoices("REDIS_URL", "VIDEOLLM_GATEWAY_REDIS_URL", "redis_url")
+        None, validation_alias=AliasChoices("REDIS_URL", "VIDEOLLM_GATEWAY_REDIS_URL", "redis_url"),
+        description="redis://host:port/db of the cache (also $REDIS_URL); none = no cache "
+                    "(`videollm serve` starts its own Redis)",
     )
     cache_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="lifetime of an encoded video in Redis")
     cache_max_entry_bytes: int = Field(512 * MiB, ge=0, description="larger encodings are not cached")

@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from videollm.flags import SERVICES, given_values, serve_flags
 from videollm.settings import GatewaySettings, default_model_dir
 
 
@@ -97,10 +98,34 @@ class Stack:
         return None
 
 
+def child_environment(service: str, values: dict) -> dict[str, str]:
+    """Settings as the service's environment variables (its prefix, nested fields joined by "__"):
+    how `serve` hands each child its flags, which also keeps secrets such as API keys out of `ps`."""
+
+    def pairs(key: str, value) -> list[tuple[str, str]]:
+        if isinstance(value, dict):
+            return [pair for name, item in value.items() for pair in pairs(f"{key}__{name.upper()}", item)]
+        return [(key, json.dumps(value) if isinstance(value, (list, bool)) else str(value))]
+
+    prefix = SERVICES[service].model_config["env_prefix"]
+    return dict(pair for name, value in values.items() for pair in pairs(prefix + name.upper(), value))
+
+
+def spawn_service(stack: Stack, python: list[str], service: str, values: dict) -> subprocess.Popen:
+    env = {**os.environ, **child_environment(service, values)}
+    env.pop("REDIS_URL", None)  # it would win over the gateway's VIDEOLLM_GATEWAY_REDIS_URL
+    return stack.spawn(service, [*python, service], env=env)
+
+
 def run_stack(args) -> int:
-    gateway = GatewaySettings(**{k: v for k, v in vars(args).items()
-                                 if k in GatewaySettings.model_fields and v is not None})
-    model = ensure_model(args.model)
+    flags = serve_flags()
+    given = {service: given_values(args, flags, owner=service) for service in SERVICES}
+    # validated here, so a bad flag fails before any child starts
+    gateway = GatewaySettings(**given["gateway"])
+    for service in ("encoder", "llm"):
+        SERVICES[service](**given[service])
+    model = ensure_model(given["encoder"].get("model"))
+    given["encoder"]["model"] = given["llm"]["model"] = model
     stack = Stack()
     stopping = serving = False
 
@@ -113,11 +138,6 @@ def run_stack(args) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     python = [sys.executable, "-m", "videollm.cli", "--log-level", args.log_level]
-    common = ["--model", str(model)]
-    if args.device:
-        common += ["--device", args.device]
-    if args.dtype:
-        common += ["--dtype", args.dtype]
     try:
         redis_url = gateway.redis_url
         if not redis_url:
@@ -135,18 +155,17 @@ def run_stack(args) -> int:
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
 
         encoder_port, llm_port = free_port(), free_port()
-        encoder = stack.spawn("encoder", [*python, "encoder", *common, "--port", str(encoder_port)])
-        llm = stack.spawn("llm", [*python, "llm", *common, "--port", str(llm_port)])
+        children = {
+            "encoder": {**given["encoder"], "host": "127.0.0.1", "port": encoder_port},
+            "llm": {**given["llm"], "host": "127.0.0.1", "port": llm_port},
+            "gateway": {**given["gateway"], "redis_url": redis_url,
+                        "encoders": [f"127.0.0.1:{encoder_port}"], "llms": [f"127.0.0.1:{llm_port}"]},
+        }
+        encoder = spawn_service(stack, python, "encoder", children["encoder"])
+        llm = spawn_service(stack, python, "llm", children["llm"])
         wait_for_grpc(f"127.0.0.1:{encoder_port}", encoder, 600)
         wait_for_grpc(f"127.0.0.1:{llm_port}", llm, 600)
-
-        env = {**os.environ, "REDIS_URL": redis_url}
-        if gateway.api_keys:  # through the environment, not argv: `ps` shows argv to every user
-            env["VIDEOLLM_GATEWAY_API_KEYS"] = json.dumps(gateway.api_keys)
-        gateway_argv = [*python, "gateway", "--host", gateway.host, "--port", str(gateway.port),
-                        "--encoders", f"127.0.0.1:{encoder_port}", "--llms", f"127.0.0.1:{llm_port}",
-                        "--model-name", gateway.model_name]
-        process = stack.spawn("gateway", gateway_argv, env=env)
+        process = spawn_service(stack, python, "gateway", children["gateway"])
         wait_for_tcp(gateway.host, gateway.port, process, 60)
         serving = True
         print(f"videollm is serving on http://{gateway.host}:{gateway.port}  (model {model}, "

@@ -12,7 +12,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EncoderInfo(_message.Message):
-    __slots__ = ("model_id", "default_frames", "max_frames", "default_compression", "encoder_layers", "tokens_per_frame", "hidden_size", "dtype", "max_video_bytes", "encodes_completed", "peak_memory_bytes", "pulls_served", "tower_batches", "batch_max_frames", "batch_max_requests")
+    __slots__ = ("model_id", "default_frames", "max_frames", "default_compression", "encoder_layers", "tokens_per_frame", "hidden_size", "dtype", "max_video_bytes", "encodes_completed", "peak_memory_bytes", "pulls_served", "tower_batches", "batch_max_frames", "batch_max_requests", "settings_json")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_FRAMES_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class EncoderInfo(_message.Message):
     TOWER_BATCHES_FIELD_NUMBER: _ClassVar[int]
     BATCH_MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
     BATCH_MAX_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_JSON_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     default_frames: int
     max_frames: int
@@ -43,7 +44,8 @@ class EncoderInfo(_message.Message):
     tower_batches: int
     batch_max_frames: int
     batch_max_requests: int
-    def __init__(self, model_id: _Optional[str] = ..., default_frames: _Optional[int] = ..., max_frames: _Optional[int] = ..., default_compression: _Optional[_Union[Compression, _Mapping]] = ..., encoder_layers: _Optional[int] = ..., tokens_per_frame: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., max_video_bytes: _Optional[int] = ..., encodes_completed: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., pulls_served: _Optional[int] = ..., tower_batches: _Optional[int] = ..., batch_max_frames: _Optional[int] = ..., batch_max_requests: _Optional[int] = ...) -> None: ...
+    settings_json: str
+    def __init__(self, model_id: _Optional[str] = ..., default_frames: _Optional[int] = ..., max_frames: _Optional[int] = ..., default_compression: _Optional[_Union[Compression, _Mapping]] = ..., encoder_layers: _Optional[int] = ..., tokens_per_frame: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., max_video_bytes: _Optional[int] = ..., encodes_completed: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., pulls_served: _Optional[int] = ..., tower_batches: _Optional[int] = ..., batch_max_frames: _Optional[int] = ..., batch_max_requests: _Optional[int] = ..., settings_json: _Optional[str] = ...) -> None: ...
 
 class FrameSampling(_message.Message):
     __slots__ = ("num_frames",)

@@ -12,7 +12,7 @@ class LLMInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LLMInfo(_message.Message):
-    __slots__ = ("model_id", "hidden_size", "default_max_tokens", "max_tokens_limit", "max_context_tokens", "dtype", "generations_completed", "peak_memory_bytes", "visual_pulls", "visual_pull_fallbacks", "decode_slots", "active_sequences", "waiting_sequences", "visual_pulls_shared_memory")
+    __slots__ = ("model_id", "hidden_size", "default_max_tokens", "max_tokens_limit", "max_context_tokens", "dtype", "generations_completed", "peak_memory_bytes", "visual_pulls", "visual_pull_fallbacks", "decode_slots", "active_sequences", "waiting_sequences", "visual_pulls_shared_memory", "settings_json")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class LLMInfo(_message.Message):
     ACTIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     WAITING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     VISUAL_PULLS_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_JSON_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     hidden_size: int
     default_max_tokens: int
@@ -41,7 +42,8 @@ class LLMInfo(_message.Message):
     active_sequences: int
     waiting_sequences: int
     visual_pulls_shared_memory: int
-    def __init__(self, model_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., generations_completed: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., visual_pulls: _Optional[int] = ..., visual_pull_fallbacks: _Optional[int] = ..., decode_slots: _Optional[int] = ..., active_sequences: _Optional[int] = ..., waiting_sequences: _Optional[int] = ..., visual_pulls_shared_memory: _Optional[int] = ...) -> None: ...
+    settings_json: str
+    def __init__(self, model_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., generations_completed: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., visual_pulls: _Optional[int] = ..., visual_pull_fallbacks: _Optional[int] = ..., decode_slots: _Optional[int] = ..., active_sequences: _Optional[int] = ..., waiting_sequences: _Optional[int] = ..., visual_pulls_shared_memory: _Optional[int] = ..., settings_json: _Optional[str] = ...) -> None: ...
 
 class ContentPart(_message.Message):
     __slots__ = ("text", "video")
