@@ -48,6 +48,7 @@ COPY protos ./protos
 COPY encoder_service ./encoder_service
 COPY llm_service ./llm_service
 COPY gateway ./gateway
+COPY bench ./bench
 RUN pip install .
 
 USER 10001:10001

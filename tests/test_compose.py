@@ -87,6 +87,15 @@ def test_dockerfile_entrypoint_is_the_cli():
     assert all(SERVICES[name]["build"] in (".", {"context": "."}) for name in OURS)
 
 
+def test_the_image_gets_every_shipped_package():
+    import tomllib
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    for package in (pattern.rstrip("*.") for pattern in include):
+        assert re.search(rf"^COPY {package} \./{package}$", dockerfile, re.M), f"the Dockerfile does not copy {package}"
+
+
 def test_expected_services():
     assert {"redis", "encoder", "llm", "gateway"} <= set(SERVICES)
     assert set(OURS) >= {"encoder", "llm", "gateway"}
@@ -118,7 +127,7 @@ def test_gateway_points_at_the_scaled_services():
     gateway = SERVICES["gateway"]
     args = parse("gateway")
     for flag, service in [("encoders", "encoder"), ("llms", "llm")]:
-        targets = getattr(args, flag).split(",")
+        targets = getattr(args, flag)
         assert targets == [f"dns:///{service}:{listen_port(service)}"], (
             f"--{flag} must be the {service} service's DNS name on its port, got {targets}")
     assert gateway["environment"]["REDIS_URL"] == "redis://redis:6379/0"
