@@ -1,4 +1,4 @@
-"""EarlyTom token compression as pure tensor functions (see shared/EARLYTOM.md).
+"""EarlyTom token compression as pure tensor functions (Wang et al., CVPR 2026; restated in the README).
 
 Stage I (frame merging between encoder layers):
   `normalize_frames` -> `segment_frames` -> `plan_fusion` -> `fuse`
@@ -44,8 +44,8 @@ class FrameSimilarity:
     """`similarity` of frame pairs of normed [T, S, D], fetched from the device in one round trip:
     every frame against the `width` frames before it; pairs farther apart are computed when asked.
 
-    Stage I asks only for near pairs (segments hold at most max_window frames), so a prune step
-    waits for the device once instead of once per segment.
+    Stage I asks only for near pairs (`similarity_width(max_window)` covers them all), so a prune
+    step waits for the device once instead of once per segment.
     """
 
     def __init__(self, normed: torch.Tensor, width: int):
@@ -65,22 +65,32 @@ class FrameSimilarity:
         return similarity(self.normed[low + distance], self.normed[low]).item()
 
 
+def similarity_width(max_window: int) -> int:
+    """The farthest frame distance `segment_frames` and `plan_fusion` ask for: a segment holds at most
+    max(1, max_window - 1) frames, and frame i is compared with its segment's first frame before the
+    window test, so i - start <= max_window - 1; plan_fusion also needs neighbours (distance 1)."""
+    return max(1, max_window - 1)
+
+
 def segment_frames(
     normed: torch.Tensor, tau: float, ema: float, max_window: int, similar: FrameSimilarity | None = None
 ) -> list[tuple[int, int]]:
     """Streaming segmentation of normed [T, S, D]: [(first, last)] inclusive, covering every frame in order.
 
-    A segment starts at frame i when the smoothed similarity to the segment's first frame falls
-    below tau, or when the segment already holds max_window frames (no segment is longer).
-    `similar` (of these normed frames, width max_window) saves the device round trip.
+    At frame i the smoothed similarity to the segment's first frame takes in frame i's similarity;
+    a segment then starts at frame i when it is below tau, or when adding frame i would make the
+    segment reach max_window frames (`i - start + 1 >= max_window`, the authors' test). So a segment
+    holds at most max(1, max_window - 1) frames: 16 identical frames with max_window 6 give
+    (0, 4), (5, 9), (10, 14), (15, 15); with max_window 1 or 2 every frame is a segment of its own.
+    `similar` (of these normed frames, width `similarity_width(max_window)`) saves the device round trip.
     """
     count = normed.shape[0]
-    similar = similar or FrameSimilarity(normed, max_window)
+    similar = similar or FrameSimilarity(normed, similarity_width(max_window))
     segments: list[tuple[int, int]] = []
     start, smoothed = 0, 1.0
     for i in range(1, count):
         smoothed = ema * similar(i, start) + (1.0 - ema) * smoothed
-        if smoothed < tau or i - start >= max_window:
+        if smoothed < tau or i - start + 1 >= max_window:
             segments.append((start, i - 1))
             start, smoothed = i, 1.0
     if count:
@@ -286,7 +296,7 @@ def select_tokens(
         kept[static_rows] = features[static_rows[:, None], chosen]
     dynamic_rows = dynamic.nonzero().flatten()
     if dynamic_rows.numel():
-        dominant = min(n, int(n * (1.0 - d) + 0.5))
+        dominant = min(n, round(n * (1.0 - d)))  # Python's round, half to even: 2.5 -> 2, 3.5 -> 4
         top = scores[dynamic_rows].topk(dominant, dim=-1).indices  # [F_d, dominant]
         if dominant == n:
             chosen = top.sort(dim=-1).values

@@ -348,7 +348,7 @@ class _Flow:
         """Stage I after a prune layer: hidden [T', S, D] -> [T'', S, D] (a new tensor)."""
         settings = self.settings
         normed = earlytom.normalize_frames(hidden)  # [T', S, D] float32
-        similar = earlytom.FrameSimilarity(normed, settings.max_window)  # the step's one device round trip
+        similar = earlytom.FrameSimilarity(normed, earlytom.similarity_width(settings.max_window))  # one round trip
         segments = earlytom.segment_frames(normed, settings.tau, settings.ema, settings.max_window, similar)
         plan = earlytom.plan_fusion(normed, segments, similar)
         hidden = earlytom.fuse(hidden, plan)  # [T'', S, D]
