@@ -1,16 +1,16 @@
-"""EarlyTom (shared/EARLYTOM.md): the pure tensor functions on hand-made tensors, and the encoder's
-behaviour checked against an independent reference recomputed from hidden states captured with
-hooks on the SigLIP layers.
+"""EarlyTom: the pure tensor functions on hand-made tensors, and the encoder's behaviour checked
+against the independent reference of earlytom_reference.py, recomputed from hidden states captured
+with hooks on the SigLIP layers.
 
-The reference below (`ref_*`) is a plain, float64 restatement of the rules; it never calls the
-functions of encoder_service.earlytom, so a drift of either shows up as a mismatch.
+Segmentations are also written out literally, worked by hand from the rule: a new segment starts at
+frame i when the smoothed similarity falls below tau or when frame i would make the current segment
+reach max_window frames, so a segment holds at most max(1, max_window - 1) frames.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,125 +18,28 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from earlytom_reference import (
+    DEPTH,
+    GRID,
+    POOLED,
+    TOKENS,
+    captured,
+    check_stage1,
+    check_stage2,
+    ref_attention_received,
+    ref_dpc_centres,
+    ref_fuse,
+    ref_plan,
+    ref_segments,
+    ref_windows,
+    spying_on_scores,
+    to_pixels,
+)
 from encoder_service import earlytom
 from encoder_service.video_decode import decode_video
 from encoder_service.vision import VisionEncoder
 from videollm.settings import CompressionSettings
 from videos import encode, make_scene_cut_video, make_video, moving_frames, scene_cut_frames, still_frames
-
-DEPTH = 26
-GRID, POOLED, TOKENS = 27, 14, 196
-
-
-# -- the independent reference -------------------------------------------------------------------
-
-
-def ref_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean over positions of the cosine similarity of two frames [S, D], in float64."""
-    a, b = a.double(), b.double()
-    cos = (a * b).sum(dim=-1) / (a.norm(dim=-1) * b.norm(dim=-1))
-    return cos.mean().item()
-
-
-@dataclass
-class Margins:
-    """Every threshold comparison the reference made (value - threshold), to show none was a coin toss."""
-
-    values: list[float] = field(default_factory=list)
-
-    def ge(self, value: float, threshold: float) -> bool:
-        self.values.append(value - threshold)
-        return value >= threshold
-
-    def assert_clear(self, tolerance: float = 1e-6) -> None:
-        # exact ties come from bit-identical frames and are exact in float32 as well
-        close = [m for m in self.values if m != 0.0 and abs(m) < tolerance]
-        assert not close, f"reference decisions too close to call between float32 and float64: {close}"
-
-
-def ref_segments(frames: torch.Tensor, tau: float, ema: float, max_window: int,
-                 margins: Margins | None = None, reasons: list[str] | None = None) -> list[tuple[int, int]]:
-    """Streaming segmentation of frames [T, S, D], written straight from the rule."""
-    margins = margins if margins is not None else Margins()
-    segments, start, sim = [], 0, 1.0
-    for i in range(1, frames.shape[0]):
-        if i - start >= max_window:  # the segment already holds max_window frames
-            segments.append((start, i - 1))
-            start, sim = i, 1.0
-            if reasons is not None:
-                reasons.append("window")
-            continue
-        sim = ema * ref_similarity(frames[i], frames[start]) + (1 - ema) * sim
-        if not margins.ge(sim, tau):
-            segments.append((start, i - 1))
-            start, sim = i, 1.0
-            if reasons is not None:
-                reasons.append("tau")
-    if frames.shape[0]:
-        segments.append((start, frames.shape[0] - 1))
-    return segments
-
-
-Plan = list[tuple[tuple[int, ...], tuple[float, ...]]]  # (sources, weights) per output frame
-
-
-def ref_plan(frames: torch.Tensor, segments: list[tuple[int, int]], margins: Margins | None = None) -> Plan:
-    margins = margins if margins is not None else Margins()
-    plan: Plan = []
-    for first, last in segments:
-        if last - first + 1 <= 2:
-            plan += [((i,), (1.0,)) for i in range(first, last + 1)]
-            continue
-        tau_seg = ref_similarity(frames[first], frames[last])
-        middle = list(range(first + 1, last))
-        a = [ref_similarity(frames[m], frames[m + 1]) for m in middle[:-1]]
-        plan.append(((first,), (1.0,)))
-        j = 0
-        while j < len(middle):
-            if j < len(a):
-                last_pair = j == len(a) - 1
-                merge = margins.ge(a[j], tau_seg)
-                if merge and not last_pair:
-                    merge = margins.ge(a[j], a[j + 1])
-                if merge:
-                    w = 0.5 if last_pair else a[j] / (a[j] + a[j + 1])
-                    plan.append(((middle[j], middle[j + 1]), (w, 1 - w)))
-                    j += 2
-                    continue
-            plan.append(((middle[j],), (1.0,)))
-            j += 1
-        plan.append(((last,), (1.0,)))
-    return plan
-
-
-def ref_fuse(x: torch.Tensor, plan: Plan) -> torch.Tensor:
-    rows = []
-    for sources, weights in plan:
-        if len(sources) == 1:
-            rows.append(x[sources[0]].clone())
-        else:
-            mixed = weights[0] * x[sources[0]].double() + weights[1] * x[sources[1]].double()
-            rows.append(mixed.to(x.dtype))
-    return torch.stack(rows)
-
-
-def ref_windows(tokens: int, n: int) -> list[range]:
-    base, extra = divmod(tokens, n)
-    out, start = [], 0
-    for w in range(n):
-        size = base + 1 if w < extra else base
-        out.append(range(start, start + size))
-        start += size
-    return out
-
-
-def ref_attention_received(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """[T, H, S, dh] -> [T, S]: materialised softmax(QK^T * scale), mean over heads and queries."""
-    out = []
-    for t in range(queries.shape[0]):
-        probs = (queries[t].double() @ keys[t].double().transpose(-1, -2) * scale).softmax(dim=-1)  # [H, S, S]
-        out.append(probs.mean(dim=(0, 1)))
-    return torch.stack(out)
 
 
 # -- hand-made frames ----------------------------------------------------------------------------
@@ -172,6 +75,7 @@ def test_segmentation_follows_the_smoothed_similarity_and_tau():
     # cos to the current segment's first frame, and the smoothed sim (ema 0.9, reset to 1):
     # f1: cos 1 -> 1.0; f2: cos .46 -> .514 (kept although .46 < tau); f3: cos .46 -> .4654 < .5: new segment
     # f4: vs f3 cos .9 -> .91; f5: vs f3 cos .2 -> .271 < .5: new segment; f6: vs f5 cos .6 -> .64
+    # (no segment reaches 5 frames, so max_window 6 never cuts)
     c = math.acos(0.46)
     angles = [0.0, 0.0, c, -c, -c + math.acos(0.9), -c + math.acos(0.2), -c + math.acos(0.2) + math.acos(0.6)]
     frames = angle_frames(angles)
@@ -180,17 +84,58 @@ def test_segmentation_follows_the_smoothed_similarity_and_tau():
     assert ref_segments(frames, 0.5, 0.9, 6) == [(0, 2), (3, 4), (5, 6)]
     # with ema 1 (no smoothing) frame 2 (cos .46) already starts a segment
     assert earlytom.segment_frames(normed, tau=0.5, ema=1.0, max_window=6) == [(0, 1), (2, 2), (3, 4), (5, 6)]
-    # a lower tau keeps everything together; a segment never exceeds max_window
-    assert earlytom.segment_frames(normed, tau=-1.0, ema=0.9, max_window=6) == [(0, 5), (6, 6)]
-    assert earlytom.segment_frames(normed, tau=-1.0, ema=0.9, max_window=3) == [(0, 2), (3, 5), (6, 6)]
+    # tau -1 never cuts; the window does: frame 5 would be segment (0, ..)'s 6th frame, so it starts one
+    assert earlytom.segment_frames(normed, tau=-1.0, ema=0.9, max_window=6) == [(0, 4), (5, 6)]
+    # max_window 3: at most 2 frames per segment
+    assert earlytom.segment_frames(normed, tau=-1.0, ema=0.9, max_window=3) == [(0, 1), (2, 3), (4, 5), (6, 6)]
+    # max_window 3 with tau .5: window cut at 2 (sim reset to 1); f3 vs f2: cos(2c) = 2 * .46^2 - 1 = -.5768,
+    # sim .9 * -.5768 + .1 = -.419 < .5: tau cut at 3; f4 vs f3 cos .9 -> .91; window cut at 5; f6 vs f5 -> .64
+    assert earlytom.segment_frames(normed, tau=0.5, ema=0.9, max_window=3) == [(0, 1), (2, 2), (3, 4), (5, 6)]
+    for tau, ema, window in [(0.5, 0.9, 6), (0.5, 1.0, 6), (-1.0, 0.9, 6), (-1.0, 0.9, 3), (0.5, 0.9, 3)]:
+        assert ref_segments(frames, tau, ema, window) == earlytom.segment_frames(normed, tau, ema, window)
 
 
-@pytest.mark.parametrize("max_window", [1, 2, 4, 6, 20])
+IDENTICAL_16 = {  # 16 identical frames: sim stays 1, only the window cuts (worked by hand from the rule)
+    1: [(i, i) for i in range(16)],
+    2: [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (7, 7),
+        (8, 8), (9, 9), (10, 10), (11, 11), (12, 12), (13, 13), (14, 14), (15, 15)],
+    3: [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, 11), (12, 13), (14, 15)],
+    4: [(0, 2), (3, 5), (6, 8), (9, 11), (12, 14), (15, 15)],
+    6: [(0, 4), (5, 9), (10, 14), (15, 15)],
+    16: [(0, 14), (15, 15)],
+    17: [(0, 15)],
+    1024: [(0, 15)],
+}
+
+
+@pytest.mark.parametrize("max_window", sorted(IDENTICAL_16))
 def test_max_window_caps_segments_of_identical_frames(max_window):
-    frames = torch.ones(14, 5, 3)
+    frames = torch.ones(16, 5, 3)
     segments = earlytom.segment_frames(earlytom.normalize_frames(frames), tau=0.5, ema=0.9, max_window=max_window)
-    expected = [(s, min(s + max_window, 14) - 1) for s in range(0, 14, max_window)]
-    assert segments == expected
+    assert segments == IDENTICAL_16[max_window]
+    assert ref_segments(frames, 0.5, 0.9, max_window) == IDENTICAL_16[max_window]
+    assert max(last - first + 1 for first, last in segments) == max(1, min(16, max_window - 1))
+
+
+def test_a_tau_cut_right_after_a_window_cut():
+    # max_window 4 (at most 3 frames a segment), tau .5, ema .9; cos to the segment's first frame -> sim:
+    # f1: cos .55 -> .9 * .55 + .1 * 1 = .595; f2: cos .55 -> .495 + .0595 = .5545 (both kept)
+    # f3: would be the 4th frame of (0, ..): window cut at 3, sim reset to 1 (its cos 1 changes nothing)
+    # f4: vs f3 cos .3 -> .27 + .1 = .37 < .5: tau cut at 4, the frame right after the window cut
+    # f5: vs f4 cos .8 -> .82; f6: vs f4 cos .8 -> .72 + .082 = .802 (kept)
+    # f7: vs f4 cos .9 -> .8902 (above tau) but the 4th frame of (4, ..): window cut at 7
+    # f8: vs f7 cos .4 -> .36 + .1 = .46 < .5: tau cut at 8; f9 = f8: cos 1 -> 1 (kept)
+    a1, a4 = math.acos(0.55), math.acos(0.3)
+    angles = [0.0, a1, -a1, 0.0, a4, a4 + math.acos(0.8), a4 - math.acos(0.8), a4 + math.acos(0.9)]
+    angles += [angles[7] + math.acos(0.4)] * 2
+    frames = angle_frames(angles)
+    expected = [(0, 2), (3, 3), (4, 6), (7, 7), (8, 9)]
+    reasons: list[str] = []
+    assert ref_segments(frames, 0.5, 0.9, 4, reasons=reasons) == expected
+    assert reasons == ["window", "tau", "window", "tau"]
+    assert earlytom.segment_frames(earlytom.normalize_frames(frames), tau=0.5, ema=0.9, max_window=4) == expected
+    # the reading "a segment holds max_window frames" would give [(0, 3), (4, 7), (8, 9)] here:
+    # f3 joins (sim .955), f4 vs f0 cos .3 -> .3655: tau cut at 4, then a window cut at 8
 
 
 def test_segments_cover_every_frame_in_order_on_random_frames():
@@ -199,12 +144,36 @@ def test_segments_cover_every_frame_in_order_on_random_frames():
         t = 1 + trial % 11
         base = torch.randn(1, 6, 4, generator=generator)
         frames = base + 0.7 * torch.randn(t, 6, 4, generator=generator)
-        for tau, ema, window in [(0.5, 0.9, 6), (0.9, 0.5, 3), (0.99, 1.0, 2)]:
+        for tau, ema, window in [(0.5, 0.9, 6), (0.9, 0.5, 3), (0.99, 1.0, 2), (-1.0, 0.9, 4)]:
             segments = earlytom.segment_frames(earlytom.normalize_frames(frames), tau, ema, window)
             assert segments[0][0] == 0 and segments[-1][1] == t - 1
             assert all(a[1] + 1 == b[0] for a, b in zip(segments, segments[1:]))
-            assert all(0 <= last - first < window for first, last in segments)
+            assert all(1 <= last - first + 1 <= max(1, window - 1) for first, last in segments)
             assert segments == ref_segments(frames, tau, ema, window)
+
+
+class Recording:
+    """A FrameSimilarity that records the frame distance of every pair asked for."""
+
+    def __init__(self, similar: earlytom.FrameSimilarity):
+        self.similar, self.asked = similar, []
+
+    def __call__(self, i: int, j: int) -> float:
+        self.asked.append(abs(i - j))
+        return self.similar(i, j)
+
+
+@pytest.mark.parametrize("max_window", [1, 2, 3, 6, 20])
+def test_frame_similarity_width_covers_every_pair_stage_one_asks_for(max_window):
+    # segment_frames compares frame i with its segment's first frame up to i - start = max_window - 1;
+    # plan_fusion compares neighbours and a segment's ends: every pair must be among the fetched rows
+    normed = earlytom.normalize_frames(torch.ones(16, 5, 3))
+    similar = earlytom.FrameSimilarity(normed, earlytom.similarity_width(max_window))
+    spy = Recording(similar)
+    segments = earlytom.segment_frames(normed, 0.5, 0.9, max_window, spy)
+    earlytom.plan_fusion(normed, segments, spy)
+    assert max(spy.asked) <= len(similar.rows)
+    assert max(spy.asked) == min(15, max(1, max_window - 1))
 
 
 def test_identical_middle_frames_fuse_pairwise_with_equal_weights():
@@ -445,163 +414,57 @@ def test_select_tokens_with_contextual_tokens_uses_dpc_knn():
     assert selection.positions[1].tolist() == static
 
 
-# -- the encoder, checked against the reference --------------------------------------------------
+def test_dpc_knn_centres_on_a_line_worked_by_hand():
+    # points 0, 1, 2.5, 10 on a line, k = 2: mean squared distance to the 2 nearest others:
+    # x=0: (1 + 6.25) / 2 = 3.625; x=1: (1 + 2.25) / 2 = 1.625; x=2.5: (2.25 + 6.25) / 2 = 4.25;
+    # x=10: (56.25 + 81) / 2 = 68.625. Density exp(-.) ranks x=1 > x=0 > x=2.5 > x=10.
+    # Distance to the nearest denser point: x=1 is densest -> largest pairwise distance 10;
+    # x=0 -> 1; x=2.5 -> 1.5 (x=1); x=10 -> 7.5 (x=2.5).
+    # Scores: x=1: e^-1.625 * 10 = 1.97; x=0: e^-3.625 = .0267; x=2.5: 1.5 e^-4.25 = .0214; x=10: ~1e-29
+    x = torch.tensor([[0.0], [1.0], [2.5], [10.0]])
+    for centres, expected in [(1, {1}), (2, {0, 1}), (3, {0, 1, 2})]:
+        chosen, _ = earlytom.dpc_knn(x, centres, k=2, beta=0.6)
+        assert set(chosen.tolist()) == expected
+        assert ref_dpc_centres(x.double().tolist(), centres, k=2) == expected
 
 
-@dataclass
-class Capture:
-    inputs: dict[int, torch.Tensor]  # hidden entering layer i
-    outputs: dict[int, torch.Tensor]  # hidden leaving layer i (before any fusion)
-    projector_input: torch.Tensor | None = None
-
-    def after(self, layer: int) -> torch.Tensor:
-        """The hidden states after layer `layer` and its fusion: what the next step received."""
-        return self.inputs[layer + 1] if layer + 1 < DEPTH else self.projector_input
-
-
-@contextmanager
-def captured(vision):
-    capture = Capture({}, {})
-    handles = []
-    for i, layer in enumerate(vision.tower.encoder.layers):
-        handles.append(layer.register_forward_pre_hook(
-            lambda module, args, i=i: capture.inputs.__setitem__(i, args[0].detach().clone())))
-        handles.append(layer.register_forward_hook(
-            lambda module, args, out, i=i: capture.outputs.__setitem__(
-                i, (out[0] if isinstance(out, tuple) else out).detach().clone())))
-    handles.append(vision.projector.register_forward_pre_hook(
-        lambda module, args: setattr(capture, "projector_input", args[0].detach().clone())))
-    try:
-        yield capture
-    finally:
-        for handle in handles:
-            handle.remove()
+@pytest.mark.parametrize(("seed", "points", "dim", "centres", "k"), [
+    (0, 12, 3, 3, 4), (1, 30, 5, 5, 7), (2, 60, 4, 8, 7), (3, 6, 2, 2, 7), (4, 40, 8, 1, 3), (5, 100, 6, 10, 7),
+])
+def test_dpc_knn_centres_match_a_plain_loop_reference(seed, points, dim, centres, k):
+    # the reference is plain Python float64 loops (no cdist, no top-k), and asserts that the cut
+    # between the chosen and the next score is clear, so float32 rounding cannot decide it
+    x = torch.randn(points, dim, generator=torch.Generator().manual_seed(seed))
+    expected = ref_dpc_centres(x.double().tolist(), centres, k)
+    chosen, merged = earlytom.dpc_knn(x, centres, k, beta=0.6)
+    assert len(chosen) == centres and set(chosen.tolist()) == expected
+    assert merged.shape == (centres, dim)
 
 
-@dataclass
-class Stage1:
-    layer_plans: dict[int, Plan]
-    layer_segments: dict[int, list[tuple[int, int]]]
-    layer_reasons: dict[int, list[str]]
-    final_segments: list[tuple[int, int]]  # in fused-frame indices
-    frames_after_merge: int
-    margins: Margins
-
-    @property
-    def fusions(self) -> int:
-        return sum(len(sources) == 2 for plan in self.layer_plans.values() for sources, _ in plan)
-
-
-def check_stage1(capture: Capture, trace, settings: CompressionSettings, frames: int) -> Stage1:
-    """Recompute every segmentation and fusion from the captured hidden states and compare."""
-    prune = settings.scaled_prune_layers(DEPTH)
-    assert trace.prune_layers == prune
-    margins = Margins()
-    spans = [(i, i) for i in range(frames)]
-    live = frames
-    plans, segments_at, reasons_at, expected_rows = {}, {}, {}, []
-    for i in range(DEPTH):
-        expected_rows.append(live)
-        if i in prune:
-            out = capture.outputs[i]
-            assert out.shape[0] == live
-            reasons: list[str] = []
-            segments = ref_segments(out, settings.tau, settings.ema, settings.max_window, margins, reasons)
-            plan = ref_plan(out, segments, margins)
-            expected = ref_fuse(out, plan)
-            actual = capture.after(i)
-            assert actual.shape == expected.shape, f"layer {i}: {actual.shape[0]} frames, rule gives {len(plan)}"
-            for row, (sources, weights) in enumerate(plan):
-                if len(sources) == 1:
-                    assert torch.equal(actual[row], out[sources[0]]), f"layer {i}: kept frame {sources} changed"
-                else:
-                    assert torch.allclose(actual[row], expected[row], rtol=1e-5, atol=1e-5), (
-                        f"layer {i}: fused frame {sources} with weights {weights} differs")
-            spans = [(spans[s[0]][0], spans[s[-1]][1]) for s, _ in plan]
-            live = len(plan)
-            plans[i], segments_at[i], reasons_at[i] = plan, segments, reasons
-    assert [capture.inputs[i].shape[0] for i in range(DEPTH)] == expected_rows
-    assert trace.layer_frames == expected_rows
-    assert trace.frames_after_merge == live
-    if prune:
-        final = ref_segments(capture.after(prune[-1]), settings.tau, settings.ema, settings.max_window, margins)
-    else:
-        final = ref_segments(capture.projector_input, settings.tau, settings.ema, settings.max_window, margins)
-    assert trace.segments == [(spans[first][0], spans[last][1]) for first, last in final]
-    margins.assert_clear()
-    return Stage1(plans, segments_at, reasons_at, final, live, margins)
-
-
-@contextmanager
-def spying_on_scores():
-    """Records the [T', S] importance scores the encoder hands to pool_scores (after fusion)."""
-    seen: list[torch.Tensor] = []
-    original = earlytom.pool_scores
-
-    def spy(scores, grid, pooled_grid):
-        seen.append(scores.detach().clone())
-        return original(scores, grid, pooled_grid)
-
-    earlytom.pool_scores = spy
-    try:
-        yield seen
-    finally:
-        earlytom.pool_scores = original
-
-
-def check_stage2(vision, capture: Capture, output, settings: CompressionSettings, frames: int, stage1: Stage1,
-                 module_scores: torch.Tensor | None = None):
-    """Importance at the last prune layer, fused and pooled; dynamic top-n / static windows; tokens."""
-    with torch.inference_mode():
-        _check_stage2(vision, capture, output, settings, frames, stage1, module_scores)
-
-
-def _check_stage2(vision, capture: Capture, output, settings: CompressionSettings, frames: int, stage1: Stage1,
-                  module_scores: torch.Tensor | None):
-    prune = settings.scaled_prune_layers(DEPTH)
-    layer_index = prune[-1]
-    layer = vision.tower.encoder.layers[layer_index]
-    config = vision.config.vision_config
-    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
-    x = capture.inputs[layer_index]
-    live, tokens, _ = x.shape
-    h = layer.layer_norm1(x)
-    q = layer.self_attn.q_proj(h).view(live, tokens, heads, head_dim).transpose(1, 2)
-    k = layer.self_attn.k_proj(h).view(live, tokens, heads, head_dim).transpose(1, 2)
-    received = ref_attention_received(q, k, head_dim**-0.5)  # [T', S] float64
-    received = ref_fuse(received, stage1.layer_plans[layer_index])  # fused with the frames' weights
-    if module_scores is not None:
-        assert module_scores.shape == received.shape
-        assert torch.allclose(module_scores.double(), received, rtol=1e-4, atol=1e-8)
-    pooled = torch.nn.functional.interpolate(received.float().view(-1, 1, GRID, GRID), size=[POOLED, POOLED],
-                                             mode="bilinear").reshape(-1, TOKENS)
-    merged = stage1.frames_after_merge
-    n = math.ceil(round(TOKENS * min(1.0, settings.retain_ratio * frames / merged), 9))
-    trace = output.trace
-    assert trace.tokens_per_frame == n
-    assert len(trace.kept) == merged
-    dynamic = set()
-    for first, last in stage1.final_segments:
-        dynamic |= {first, last}
-    for f, kept in enumerate(trace.kept):
-        assert kept == sorted(set(kept)) and len(kept) == n
-        scores = pooled[f]
-        if f in dynamic:  # top-n: nothing left out scores above anything kept
-            left_out = [p for p in range(TOKENS) if p not in kept]
-            if left_out:
-                assert min(scores[kept]).item() >= max(scores[left_out]).item() - 1e-7, f"frame {f}"
-        else:  # one per window, the window's best
-            for window in ref_windows(TOKENS, n):
-                inside = [p for p in kept if p in window]
-                assert len(inside) == 1, f"frame {f}: {inside} in window {window}"
-                assert scores[inside[0]].item() >= scores[list(window)].max().item() - 1e-7, f"frame {f}"
-    features = vision.pool(vision.projector(capture.projector_input))  # [T', 196, D]
-    dim = features.shape[-1]
-    assert output.tokens.shape == (merged * n + 1, dim)
-    body = output.tokens[:-1].view(merged, n, dim)
-    for f, kept in enumerate(trace.kept):
-        assert torch.allclose(body[f], features[f, kept], rtol=1e-5, atol=1e-6)
-    assert torch.equal(output.tokens[-1], vision.newline)
+@pytest.mark.parametrize(("n", "d", "dominant"), [
+    (5, 0.5, 2),  # 2.5 rounds to even: 2 (half up would give 3)
+    (7, 0.5, 4),  # 3.5 -> 4
+    (3, 0.5, 2),  # 1.5 -> 2
+    (6, 0.25, 4),  # 4.5 -> 4
+    (10, 0.25, 8),  # 7.5 -> 8
+    (2, 0.75, 0),  # 0.5 -> 0: the whole budget goes to DPC-KNN centres
+    (10, 0.0, 10),
+])
+def test_dominant_share_rounds_half_to_even(n, d, dominant):
+    assert (2 * n * (1 - d)).is_integer()  # exact in binary floating point: the halves are real halves
+    generator = torch.Generator().manual_seed(n)
+    features = torch.randn(1, TOKENS, 5, generator=generator)
+    scores = torch.linspace(1.0, 0.0, TOKENS)[None]  # [1, 196]: position p is the p-th best
+    k, beta = 7, 0.5
+    selection = earlytom.select_tokens(features, scores, [(0, 0)], n, d=d, k=k, beta=beta)
+    positions = selection.positions[0].tolist()
+    # the dominant tokens are positions 0..dominant-1, copied as they are; the rest are DPC-KNN
+    # centres of the remaining positions (the reference's choice), merged with their members
+    rest = list(range(dominant, TOKENS))
+    centres = ref_dpc_centres(features[0, rest].double().tolist(), n - dominant, k) if n > dominant else set()
+    assert positions == sorted(list(range(dominant)) + [rest[i] for i in centres])
+    unchanged = [p for i, p in enumerate(positions) if torch.equal(selection.tokens[0, i], features[0, p])]
+    assert unchanged == list(range(dominant))
 
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -610,10 +473,6 @@ def _check_stage2(vision, capture: Capture, output, settings: CompressionSetting
 @pytest.fixture(scope="module")
 def engine(encoder_service):
     return encoder_service.engine
-
-
-def to_pixels(engine, frames: np.ndarray) -> torch.Tensor:
-    return engine.processor(videos=[frames], return_tensors="pt")["pixel_values_videos"][0]  # [T, 3, 384, 384]
 
 
 def mixed_frames() -> np.ndarray:
@@ -673,7 +532,7 @@ def test_encoder_merges_frames_exactly_as_the_rule_says(engine, mixed_pixels, se
     else:
         weights = [w for plan in stage1.layer_plans.values() for s, w in plan if len(s) == 2]
         assert any(abs(w[0] - 0.5) > 1e-3 for w in weights), "a fusion with w = a_j / (a_j + a_j+1) != 0.5"
-    # exactly repeated frames 5..9 fuse at layer 8 (segment (0,5) keeps 5; (6,11): (7,8) or (6,7) fuse)
+    # exactly repeated frames 5..9 fuse at layer 8 (inside a segment as the middle pair, or with a neighbour)
     assert any(set(sources) <= set(range(5, 10)) and len(sources) == 2 for sources, _ in stage1.layer_plans[8])
 
 
@@ -701,7 +560,7 @@ def test_every_original_frame_is_accounted_for(engine, video, settings):
     assert len(trace.segments) <= trace.frames_after_merge <= 8
     stage1 = check_stage1(capture, trace, settings, 8)
     assert stage1.frames_after_merge == trace.frames_after_merge
-    if settings.max_window == 1:
+    if settings.max_window <= 2:  # every frame is a segment of its own: nothing merges
         assert trace.frames_after_merge == 8 and trace.segments == [(i, i) for i in range(8)]
     assert output.tokens.shape[0] == trace.frames_after_merge * trace.tokens_per_frame + 1
 
@@ -752,15 +611,31 @@ def test_a_still_clip_merges_as_predicted(engine):
     with captured(engine.vision) as capture:
         result = engine.encode(video, 16, settings)
     trace = result.trace
-    # 16 identical frames, M = 6: 16 -> 11 -> 8 -> 6 frames after layers 8, 21, 23; one final segment
-    assert trace.layer_frames == [16] * 9 + [11] * 13 + [8] * 2 + [6] * 2
-    assert trace.frames_after_merge == 6 and trace.segments == [(0, 15)]
-    n = math.ceil(TOKENS * 0.2 * 16 / 6)
-    assert trace.tokens_per_frame == n and result.tokens.shape[0] == 6 * n + 1
+    # 16 identical frames, M = 6, worked by hand: segments hold at most 5 frames; a 5-frame segment
+    # keeps its ends and fuses its middle pair (1, 2) (a_0 = a_1 = tau_seg: the inclusive tests), the
+    # last middle frame stays; a 3-frame segment has no middle pair.
+    # layer 8, 16 frames: (0-4)(5-9)(10-14)(15) -> 4 + 4 + 4 + 1 = 13 frames, spans
+    #   0 | 1-2 | 3 | 4 | 5 | 6-7 | 8 | 9 | 10 | 11-12 | 13 | 14 | 15
+    # layer 21, 13 frames: (0-4)(5-9)(10-12) -> 4 + 4 + 3 = 11 frames, spans
+    #   0 | 1-3 | 4 | 5 | 6-7 | 8-9 | 10 | 11-12 | 13 | 14 | 15
+    # layer 23, 11 frames: (0-4)(5-9)(10) -> 4 + 4 + 1 = 9 frames, spans
+    #   0 | 1-4 | 5 | 6-7 | 8-9 | 10-12 | 13 | 14 | 15
+    # final segmentation of the 9 frames: (0-4)(5-8), i.e. original frames 0-9 and 10-15
+    assert trace.layer_frames == [16] * 9 + [13] * 13 + [11] * 2 + [9] * 2
+    assert trace.frames_after_merge == 9 and trace.segments == [(0, 9), (10, 15)]
+    n = math.ceil(TOKENS * 0.2 * 16 / 9)
+    assert n == 70 and trace.tokens_per_frame == n and result.tokens.shape[0] == 9 * n + 1
     stage1 = check_stage1(capture, trace, settings, 16)
-    assert stage1.layer_plans[8] == [((0,), (1.0,)), ((1, 2), (0.5, 0.5)), ((3, 4), (0.5, 0.5)), ((5,), (1.0,)),
-                                     ((6,), (1.0,)), ((7, 8), (0.5, 0.5)), ((9, 10), (0.5, 0.5)), ((11,), (1.0,)),
-                                     ((12,), (1.0,)), ((13, 14), (0.5, 0.5)), ((15,), (1.0,))]
+    keep = (1.0,)
+    half = (0.5, 0.5)
+    assert stage1.layer_segments[8] == [(0, 4), (5, 9), (10, 14), (15, 15)]
+    assert stage1.layer_plans[8] == [((0,), keep), ((1, 2), half), ((3,), keep), ((4,), keep),
+                                     ((5,), keep), ((6, 7), half), ((8,), keep), ((9,), keep),
+                                     ((10,), keep), ((11, 12), half), ((13,), keep), ((14,), keep),
+                                     ((15,), keep)]
+    assert stage1.layer_segments[21] == [(0, 4), (5, 9), (10, 12)]
+    assert stage1.layer_segments[23] == [(0, 4), (5, 9), (10, 10)]
+    assert stage1.final_segments == [(0, 4), (5, 8)]
     for i in range(1, 16):  # the frames stay bit-identical through the layers, so every tie is exact
         assert torch.equal(capture.outputs[8][i], capture.outputs[8][0])
 
