@@ -3,6 +3,12 @@
 The same video bytes, the same frame sampling and decoder (encoder_service.video_decode), the same
 processor and prompt; timed in-process with CUDA synchronisation, one request at a time (how a
 plain transformers deployment serves).
+
+Its throughput under concurrent clients is either measured (`Monolithic.generate` behind
+bench/baseline_server.py, an HTTP front that serves one request at a time, driven by the same
+closed-loop clients as videollm) or modeled from one measured request (`queueing`, formula in
+MODELED_FORMULA); bench/run.py's --baseline-throughput chooses, and every entry says which it is
+in its "kind".
 """
 
 from __future__ import annotations
@@ -88,17 +94,37 @@ class Monolithic:
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         return result
 
+    @torch.inference_mode()
+    def generate(self, video: bytes, frames: int, max_tokens: int, streamer=None) -> int:
+        """One request as a plain transformers server runs it: decode, preprocess, `generate` (greedy,
+        up to max_tokens, stopping at EOS as the LLM service does); each new token goes to
+        `streamer` (a transformers BaseStreamer, which first receives the prompt). Returns the
+        number of tokens generated."""
+        inputs, _ = self._inputs(video, frames)
+        out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, streamer=streamer)
+        return out.shape[1] - inputs["input_ids"].shape[1]
+
     def close(self) -> None:
         del self.model
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
 
+MODELED_FORMULA = ("modeled, not measured under load: req/s = 1000 / service_ms of one measured request, "
+                   "service_ms = TTFT + decode ms per token x (max_tokens - 1); TTFT of the k-th client in line "
+                   "= k x service_ms + TTFT, k = 0..clients-1 (p50/p99 over those clients)")
+
+
 def queueing(service_ms: float, ttft_ms: float, clients: int) -> dict:
-    """A one-at-a-time server under `clients` closed-loop clients: the k-th in line waits k services."""
+    """A one-at-a-time server under `clients` closed-loop clients, modeled from one measured request:
+    the k-th in line waits k services. Not a measurement: see MODELED_FORMULA."""
     waits = [k * service_ms + ttft_ms for k in range(clients)]
     ordered = sorted(waits)
     return {
+        "kind": "modeled",
+        "formula": MODELED_FORMULA,
+        "service_ms": service_ms,
+        "ttft_ms": ttft_ms,
         "clients": clients,
         "rps": 1000.0 / service_ms,
         "ttft_p50_ms": ordered[len(ordered) // 2],

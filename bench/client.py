@@ -101,6 +101,8 @@ async def closed_loop(url: str, bodies: list[dict], clients: int, timeout_s: flo
         "ttft_p50_ms": percentile(ttfts, 50),
         "ttft_p99_ms": percentile(ttfts, 99),
         "ttft_mean_ms": statistics.fmean(ttfts) if ttfts else float("nan"),
+        # tokens per answer, as the server's usage chunk counted them (both systems stop at EOS or max_tokens)
+        "completion_tokens_mean": statistics.fmean(s.completion_tokens for s in samples) if samples else float("nan"),
         # requests whose frames went through the encoder's tower together, on average (1 = never batched)
         "encoder_batch_mean": statistics.fmean(batches) if batches else float("nan"),
     }

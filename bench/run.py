@@ -6,8 +6,14 @@ Builds a random-weight checkpoint at the chosen shape, generates the benchmark c
 the encoder and LLM replicas (placed on GPUs by --placement) and the gateway as separate processes,
 and measures through REST: TTFT on cache miss and hit, encoder, prefill and decode figures for each
 frame count and retain ratio, and throughput with concurrent clients. Then it stops the stack and
-measures the monolithic model on the same GPU. It prints a markdown table, writes results.json,
-results.md and (when matplotlib is importable) ttft_vs_tokens.png into --out.
+measures the monolithic model on the same GPU: one request at a time in-process (TTFT, decode), and
+(--baseline-throughput measured, the default) its throughput behind bench/baseline_server.py, an
+HTTP front in its own process that serves one request at a time, driven by the same closed-loop
+clients and request counts as videollm's throughput runs. --baseline-throughput modeled computes
+the baseline's throughput from the one measured request instead (req/s = 1000 / service_ms; the
+tables and results.json label it "modeled" with the formula); both does both. It prints a markdown
+table, writes results.json, results.md and (when matplotlib is importable) ttft_vs_tokens.png into
+--out.
 
 On a GPU machine without a package registry, bring the wheels of the web server, Redis client and
 video decoder (fastapi, starlette, uvicorn, pydantic, pydantic-core, pydantic-settings,
@@ -36,7 +42,8 @@ from pathlib import Path
 import httpx
 import redis
 
-from bench.baseline import Monolithic, queueing
+from bench.baseline import MODELED_FORMULA, Monolithic, queueing
+from bench.baseline_server import start_server
 from bench.checkpoint import SHAPES, build_checkpoint
 from bench.client import chat_body, closed_loop, stream_once
 from bench.stack import Placement, start_stack
@@ -64,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "the latency matrix runs on the first)")
     parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--baseline-throughput", choices=("measured", "modeled", "both"), default="measured",
+                        help="the baseline's throughput: measured behind bench/baseline_server.py with the same "
+                             "closed-loop clients (default), modeled from one measured request, or both")
     parser.add_argument("--skip-latency", action="store_true", help="throughput runs only")
     return parser.parse_args(argv)
 
@@ -189,6 +199,32 @@ async def throughput(url: str, redis_url: str, clip: bytes, args, counter: list[
     return rows
 
 
+async def baseline_throughput(url: str, clip: bytes, args, counter: list[int]) -> list[dict]:
+    """The baseline server under the same closed-loop clients as videollm's throughput runs: the same
+    client code, clients and requests per client, each request a new video at --throughput-frames
+    (full tokens: the baseline has no compression), after one untimed warm-up request (the server
+    has one worker, and the first request pays its first-use costs)."""
+    def bodies(count: int) -> list[dict]:
+        made = []
+        for _ in range(count):
+            counter[0] += 1
+            made.append(chat_body(variant(clip, counter[0]), args.throughput_frames, {"method": "none"},
+                                  args.max_tokens))
+        return made
+
+    await closed_loop(url, bodies(1), 1)
+    rows = []
+    for clients in ints(args.clients):
+        result = await closed_loop(url, bodies(clients * args.requests_per_client), clients)
+        result.pop("encoder_batch_mean", None)  # no encoder
+        result.update(kind="measured", frames=args.throughput_frames, max_tokens=args.max_tokens,
+                      note="transformers' monolithic generate behind bench/baseline_server.py (one request at "
+                           "a time, streamed over HTTP), driven by the same closed-loop clients")
+        rows.append(result)
+        print(f"  baseline, {clients} clients: {json.dumps(result)[:300]}", flush=True)
+    return rows
+
+
 def environment(args) -> dict:
     import torch
     import transformers
@@ -231,8 +267,8 @@ def report(results: dict) -> str:
     baseline = {b["frames"]: b for b in results.get("baseline", [])}
     lines += ["## Latency (one request at a time, through REST, streamed)", "",
               "| frames | retain | frames after merge | visual tokens | TTFT miss ms | TTFT hit ms | encode ms | "
-              "prefill ms | hand-off ms miss/hit | hit TTFT in gateway/LLM ms | decode tok/s | baseline TTFT ms | "
-              "miss speed-up | hit speed-up |",
+              "prefill ms | hand-off ms miss/hit | hit TTFT in gateway/LLM ms | decode tok/s | "
+              "baseline TTFT ms (measured) | miss speed-up | hit speed-up |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["placements"][0].get("latency", []):
         base = baseline.get(row["frames"])
@@ -255,27 +291,46 @@ def report(results: dict) -> str:
             lines.append(f"| {row['frames']} | {row['retain']} | {row['ttft_miss_ms']:.1f} | "
                          + " | ".join(f"{row['miss_parts_ms'][n]:.1f}" for n in names) + " |")
     if baseline:
-        lines += ["", "## Baseline: transformers' monolithic `generate`, full tokens", "",
+        lines += ["", "## Baseline: transformers' monolithic `generate`, full tokens (measured in-process, one request "
+                  "at a time)", "",
                   "| frames | visual tokens | TTFT ms | decode+preprocess ms | vision ms | prefill ms | decode ms/token | "
                   "peak GPU GiB |", "|---|---|---|---|---|---|---|---|"]
         for b in results["baseline"]:
             lines.append(f"| {b['frames']} | {b['visual_tokens']} | {b['ttft_ms']:.1f} | "
                          f"{b['decode_ms'] + b['preprocess_ms']:.1f} | {b['vision_ms']:.1f} | {b['prefill_ms']:.1f} | "
                          f"{b['decode_ms_per_token']:.2f} | {b['peak_memory_bytes'] / 2**30:.1f} |")
+    base_tp = results.get("baseline_throughput", [])
+    kinds = [kind for kind in ("measured", "modeled") if any(baseline_kind(b) == kind for b in base_tp)]
+    by_kind = {(baseline_kind(b), b["clients"]): b for b in base_tp}
+    header = "| placement | retain | clients | requests | errors | req/s | TTFT p50 ms | TTFT p99 ms | encoder batch |"
+    for kind in kinds:
+        header += f" baseline req/s ({kind}) | baseline TTFT p50/p99 ms ({kind}) | req/s ratio (vs {kind} baseline) |"
     lines += ["", "## Throughput (closed-loop clients, each request a different video: all cache misses)", "",
               "`encoder batch`: requests whose frames went through the vision tower together, on average.", "",
-              "| placement | retain | clients | requests | errors | req/s | TTFT p50 ms | TTFT p99 ms | encoder batch | "
-              "baseline req/s | baseline TTFT p50/p99 ms | req/s ratio |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    base_tp = {b["clients"]: b for b in results.get("baseline_throughput", [])}
+              header, "|---" * (9 + 3 * len(kinds)) + "|"]
     for placement in results["placements"]:
         for row in placement["throughput"]:
-            b = base_tp.get(row["clients"])
-            lines.append(
-                f"| {placement['placement']} | {row['retain']} | {row['clients']} | {row['requests']} | {row['errors']} | "
-                f"{row['rps']:.2f} | {row['ttft_p50_ms']:.0f} | {row['ttft_p99_ms']:.0f} | "
-                f"{row['encoder_batch_mean']:.2f} | "
-                + (f"{b['rps']:.2f} | {b['ttft_p50_ms']:.0f}/{b['ttft_p99_ms']:.0f} | {row['rps'] / b['rps']:.2f}x |"
-                   if b else "- | - | - |"))
+            cells = (f"| {placement['placement']} | {row['retain']} | {row['clients']} | {row['requests']} | "
+                     f"{row['errors']} | {row['rps']:.2f} | {row['ttft_p50_ms']:.0f} | {row['ttft_p99_ms']:.0f} | "
+                     f"{row['encoder_batch_mean']:.2f} |")
+            for kind in kinds:
+                b = by_kind.get((kind, row["clients"]))
+                if b is None:
+                    cells += " - | - | - |"
+                    continue
+                ratio = f"{row['rps'] / b['rps']:.2f}x" if b["rps"] > 0 else "-"
+                cells += f" {b['rps']:.2f} | {b['ttft_p50_ms']:.0f}/{b['ttft_p99_ms']:.0f} | {ratio} |"
+            lines.append(cells)
+    if base_tp:
+        lines += ["", "## Baseline throughput: transformers' monolithic `generate`, one request at a time", ""]
+        lines += [f"- {baseline_note(kind, [b for b in base_tp if baseline_kind(b) == kind])}" for kind in kinds]
+        lines += ["", "| kind | frames | clients | requests | errors | req/s | TTFT p50 ms | TTFT p99 ms |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for b in base_tp:
+            measured = baseline_kind(b) == "measured"
+            lines.append(f"| {baseline_kind(b)} | {b.get('frames', '-')} | {b['clients']} | "
+                         f"{b['requests'] if measured else '- (modeled)'} | {b['errors'] if measured else '-'} | "
+                         f"{b['rps']:.2f} | {b['ttft_p50_ms']:.0f} | {b['ttft_p99_ms']:.0f} |")
     lines += ["", "## Peak GPU memory per service", ""]
     for placement in results["placements"]:
         for name, value in placement["memory"].items():
@@ -284,6 +339,26 @@ def report(results: dict) -> str:
         lines += ["", f"Decode floor from memory bandwidth (weights read once per token): "
                       f"{results['decode_floor_ms']:.2f} ms/token."]
     return "\n".join(lines) + "\n"
+
+
+def baseline_kind(entry: dict) -> str:
+    """"measured" or "modeled"; entries written before the field existed were all modeled."""
+    return entry.get("kind", "modeled")
+
+
+def baseline_note(kind: str, entries: list[dict]) -> str:
+    if kind == "measured":
+        return ("measured: transformers' monolithic `generate` behind bench/baseline_server.py (an HTTP front "
+                "in its own process that serves one request at a time, streamed), driven by the same "
+                "closed-loop client code, client counts and requests per client as videollm's runs, each "
+                "request a new video at full tokens.")
+    first = entries[0]
+    if "service_ms" not in first:
+        return f"{MODELED_FORMULA}."
+    at = ", ".join(f"{first[key]} {unit}" for key, unit in (("frames", "frames"), ("max_tokens", "tokens"))
+                   if key in first)
+    return (f"{MODELED_FORMULA}. Here service_ms = {first['service_ms']:.1f} ms and TTFT = {first['ttft_ms']:.1f} ms"
+            + (f" ({at})." if at else "."))
 
 
 def _pyplot():
@@ -336,9 +411,11 @@ def plot_throughput(results: dict, path: Path) -> bool:
             rows = [r for r in placement["throughput"] if r["retain"] == retain]
             ax.plot([r["clients"] for r in rows], [r["rps"] for r in rows], "o-",
                     label=f"encoders/LLMs on GPUs {placement['placement']}, retain {retain}")
-    base = results.get("baseline_throughput", [])
-    if base:
-        ax.plot([b["clients"] for b in base], [b["rps"] for b in base], "k*--", label="transformers, one GPU")
+    for kind, style in (("measured", "k*-"), ("modeled", "k*:")):
+        base = [b for b in results.get("baseline_throughput", []) if baseline_kind(b) == kind]
+        if base:
+            ax.plot([b["clients"] for b in base], [b["rps"] for b in base], style,
+                    label=f"transformers, one GPU, one request at a time ({kind})")
     ax.set_xscale("log", base=2)
     _finish(fig, ax, path, "concurrent clients", "requests per second",
             f"Throughput ({results['shape']}, {results['environment']['gpu']})", legend_size=7)
@@ -380,17 +457,31 @@ def main(argv=None) -> int:
     if not args.skip_baseline:
         print("measuring transformers' monolithic model", flush=True)
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-        monolithic = Monolithic(model_dir, "cuda:0" if args.device.startswith("cuda") else "cpu", dtype)
+        device = "cuda:0" if args.device.startswith("cuda") else "cpu"
+        monolithic = Monolithic(model_dir, device, dtype)
         results["baseline"] = []
         for frames in ints(args.frames):
             measured = monolithic.measure(clip, frames, args.max_tokens, args.repeats)
             measured["frames"] = frames
             results["baseline"].append(measured)
             print(f"  baseline {frames} frames: {json.dumps(measured)[:300]}", flush=True)
-        base = next(b for b in results["baseline"] if b["frames"] == args.throughput_frames) \
-            if any(b["frames"] == args.throughput_frames for b in results["baseline"]) else results["baseline"][0]
-        results["baseline_throughput"] = [queueing(base["service_ms"], base["ttft_ms"], c) for c in ints(args.clients)]
+        results["baseline_throughput"] = []
+        if args.baseline_throughput in ("modeled", "both"):  # from one measured request, labelled "modeled"
+            base = next(b for b in results["baseline"] if b["frames"] == args.throughput_frames) \
+                if any(b["frames"] == args.throughput_frames for b in results["baseline"]) else results["baseline"][0]
+            results["baseline_throughput"] = [dict(queueing(base["service_ms"], base["ttft_ms"], c),
+                                                   frames=base["frames"], max_tokens=args.max_tokens)
+                                              for c in ints(args.clients)]
         monolithic.close()
+        del monolithic
+        if args.baseline_throughput in ("measured", "both"):
+            print("measuring the monolithic model's throughput behind a one-at-a-time HTTP server", flush=True)
+            url, server = start_server(model_dir, device, "bfloat16" if dtype == torch.bfloat16 else "float32",
+                                       args.out / "baseline_server.log")
+            try:
+                results["baseline_throughput"][:0] = asyncio.run(baseline_throughput(url, clip, args, counter))
+            finally:
+                server.stop()
     if args.device.startswith("cuda"):
         bandwidth = 4.8 if "H200" in results["environment"]["gpu"] else 3.35
         results["decode_floor_ms"] = decode_floor_ms(model_dir, bandwidth)
