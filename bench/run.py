@@ -364,10 +364,10 @@ def baseline_note(kind: str, entries: list[dict]) -> str:
 def _pyplot():
     """matplotlib's pyplot without a display, or None where matplotlib is not installed."""
     try:
-        import matplotlib
+        import matplotlib  # optional dependency: the `bench` extra
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional dependency
     except ImportError:
         return None
     return plt
