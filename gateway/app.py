@@ -31,7 +31,7 @@ from gateway.pipeline import ChatRequest, Outcome, Pipeline, VideoRequest
 from gateway.schemas import ChatCompletionRequest, TextPart, VideoPart
 from gateway.videos import VIDEO_ID, UploadStore, Video, decode_data_url, probe_video, too_large
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, llm_pb2
-from videollm.proto_mapping import compression_from_proto
+from videollm.proto_mapping import compression_from_proto, inner_to_proto
 from videollm.settings import CompressionSettings, GatewaySettings, public_settings
 
 log = logging.getLogger(__name__)
@@ -154,12 +154,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             options = body.videollm
             overrides = options.compression.encoder_fields() if options.compression else {}
             video = VideoRequest(await resolve_video(video_url), options.num_frames, overrides)
-        elif body.videollm.num_frames is not None or body.videollm.compression is not None:
+        elif any(value is not None for value in body.videollm.model_dump().values()):
             raise bad_request("videollm options need a video_url content part", "videollm")
-        inner = None
-        if body.videollm.compression is not None and body.videollm.compression.inner is not None:
-            options = body.videollm.compression.inner
-            inner = llm_pb2.InnerCompression(enabled=options.enabled, layer=options.k or 0, drop_ratio=options.r or 0.0)
+        inner = body.videollm.inner_compression
+        inner = inner_to_proto(inner) if inner is not None else None
         sampling = llm_pb2.SamplingParams(
             max_tokens=body.max_completion_tokens or body.max_tokens or 0,
             temperature=body.temperature,

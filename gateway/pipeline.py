@@ -344,7 +344,7 @@ class Pipeline:
             outcome.header = source.header
             setup.visual.CopyFrom(source.header.tensor)
             setup.uncompressed_visual_tokens = source.header.uncompressed_tokens
-            if request.inner is None or not request.inner.enabled:  # Stage III never shares a prefix
+            if request.inner is None:  # Stage III never shares a prefix
                 setup.video_key = source.key
             if source.pull is not None:
                 setup.pull.CopyFrom(source.pull)

@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from videollm.settings import InnerCompressionSettings
+
 
 
 UINT32_MAX = 2**32 - 1  # integers that travel as uint32 on the gRPC hops; larger ones are a 400 here
@@ -36,16 +38,6 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class InnerCompressionOptions(BaseModel):
-    """EarlyTom Stage III inside the LLM (off unless given; it disables prefix reuse)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = True
-    k: int | None = Field(None, ge=1, le=UINT32_MAX, description="decoder layer (default 18 of 28, scaled to the depth)")
-    r: float | None = Field(None, gt=0.0, lt=1.0, description="share of visual tokens merged away (default 0.5)")
-
-
 class CompressionOverrides(BaseModel):
     """Overrides of the encoder's compression defaults; limits are checked on the merged settings
     (see videollm.settings.CompressionSettings for every field's meaning, range and default)."""
@@ -61,10 +53,9 @@ class CompressionOverrides(BaseModel):
     d: float | None = None
     k: int | None = None
     beta: float | None = None
-    inner: InnerCompressionOptions | None = None
 
     def encoder_fields(self) -> dict:
-        return self.model_dump(exclude_none=True, exclude={"inner"})
+        return self.model_dump(exclude_none=True)
 
 
 class VideoOptions(BaseModel):
@@ -74,6 +65,9 @@ class VideoOptions(BaseModel):
 
     num_frames: int | None = Field(None, ge=1, le=UINT32_MAX, description="frames sampled uniformly over the clip")
     compression: CompressionOverrides | None = None
+    inner_compression: InnerCompressionSettings | None = Field(
+        None, description="EarlyTom Stage III in the LLM (off unless given; such a request never reuses a "
+                          "cached video prefix)")
 
 
 class ChatCompletionRequest(BaseModel):

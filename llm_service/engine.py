@@ -19,7 +19,6 @@ import torch
 
 from llm_service.batcher import Batcher, Ended, Failed, First, Sequence
 from llm_service.detokenizer import IncrementalDetokenizer
-from llm_service.inner_merge import InnerMergeSettings
 from llm_service.model import LanguageModel
 from llm_service.prefix_cache import PrefixCache, PrefixKV
 from llm_service.runner import ModelRunner, StageThree
@@ -27,7 +26,7 @@ from llm_service.prompt import VIDEO, Message, PromptError, render
 from llm_service.sampling import Sampler, SamplingParams
 from videollm.checkpoint import check_model_dir, model_identity
 from videollm.flops import prefill_flops
-from videollm.settings import LLMSettings
+from videollm.settings import InnerCompressionSettings, LLMSettings
 
 
 class GenerateRequestError(ValueError):
@@ -47,7 +46,7 @@ class GenerationRequest:
     arrived_at: float = field(default_factory=time.perf_counter)
     receive_ms: float = 0.0
     uncompressed_visual_tokens: int = 0  # what the video would cost without compression (FLOPs estimate)
-    inner: tuple[int, float] | None = None  # EarlyTom Stage III (layer, drop ratio; 0 = defaults), or None
+    inner: InnerCompressionSettings | None = None  # EarlyTom Stage III, or None
     video_key: str = ""  # identity of the visual tokens; enables reuse of this prefix's KV cache
     visual_count: int = 0  # rows of the visual tensor when it was not sent (the prefix is cached here)
     prefix_entry: PrefixKV | None = None  # the cached prefix, held from the moment the tokens were declined
@@ -171,7 +170,7 @@ class LLMEngine:
             if request.visual is None:
                 raise GenerateRequestError("inner compression (Stage III) needs a video")
             try:
-                InnerMergeSettings.resolve(self.lm.model.config.num_hidden_layers, *request.inner)
+                request.inner.resolve(self.lm.model.config.num_hidden_layers)
             except ValueError as err:
                 raise GenerateRequestError(str(err)) from err
         visual = request.visual.shape[0] if request.visual is not None else request.visual_count
@@ -202,7 +201,7 @@ class LLMEngine:
             if request.inner is not None:
                 # Stage III shortens this request's sequence inside the model; it depends on the
                 # question, so its KV cache is never shared with another request.
-                settings = InnerMergeSettings.resolve(self.lm.model.config.num_hidden_layers, *request.inner)
+                settings = request.inner.resolve(self.lm.model.config.num_hidden_layers)
                 merge = StageThree(settings, ids.index(self.lm.video_token_id), request.visual.shape[0])
             return runner.prefill(slot, self._embed(ids, request.visual), 0, merge)
         # The chat up to and including the video is kept once per replica; repeat questions prefill only the rest.

@@ -13,29 +13,8 @@ and keeps per-layer cache lengths, so decoding reads the shorter cache in layers
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
-
-REFERENCE_DEPTH, REFERENCE_LAYER, DEFAULT_DROP_RATIO = 28, 18, 0.5  # published for the 7B (28 layers)
-
-
-@dataclass(frozen=True)
-class InnerMergeSettings:
-    layer: int  # k: the first decoder layer that runs on the shorter sequence
-    drop_ratio: float  # r: share of visual tokens merged away
-
-    @classmethod
-    def resolve(cls, depth: int, layer: int = 0, drop_ratio: float = 0.0) -> InnerMergeSettings:
-        """0 means the default: layer 18 of 28 scaled to `depth`, drop ratio 0.5."""
-        layer = layer or min(depth - 1, max(1, round(REFERENCE_LAYER * depth / REFERENCE_DEPTH)))
-        drop_ratio = drop_ratio or DEFAULT_DROP_RATIO
-        if not 1 <= layer < depth:
-            raise ValueError(f"inner layer k must be in 1..{depth - 1} for this {depth}-layer LLM, got {layer}")
-        if not 0.0 < drop_ratio < 1.0:
-            raise ValueError(f"inner drop ratio r must be in (0, 1), got {drop_ratio}")
-        return cls(layer, drop_ratio)
 
 
 def merge_visual_tokens(

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from llm_service.inner_merge import InnerMergeSettings, last_token_attention, merge_visual_tokens
+from llm_service.inner_merge import last_token_attention, merge_visual_tokens
+from videollm.settings import InnerCompressionSettings
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class StageThree:
     """One request's Stage III merge: at `settings.layer` keep `keep` of the `count` visual tokens at `start`."""
 
-    settings: InnerMergeSettings
+    settings: InnerCompressionSettings  # resolved: its layer is set
     start: int
     count: int
 

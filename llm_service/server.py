@@ -16,7 +16,8 @@ from protos.videollm.v1 import llm_pb2, llm_pb2_grpc
 from videollm import wire
 from videollm.checkpoint import peak_memory_bytes
 from videollm.grpc_server import MiB, run_until_signalled, start_service
-from videollm.settings import LLMSettings, public_settings
+from videollm.proto_mapping import inner_from_proto
+from videollm.settings import InnerCompressionSettings, LLMSettings, public_settings
 
 SERVICE_NAME = "videollm.v1.LLM"
 
@@ -78,9 +79,18 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
             is_cancelled=cancelled.is_set,
             arrived_at=arrived,
             uncompressed_visual_tokens=setup.uncompressed_visual_tokens,
-            inner=(setup.inner.layer, setup.inner.drop_ratio) if setup.inner.enabled else None,
+            inner=self._inner(setup),
             video_key=setup.video_key,
         )
+
+    @staticmethod
+    def _inner(setup: llm_pb2.GenerateSetup) -> InnerCompressionSettings | None:
+        if not setup.HasField("inner"):
+            return None
+        try:
+            return inner_from_proto(setup.inner)
+        except ValueError as err:
+            raise GenerateRequestError(str(err)) from err
 
     def _read_visual(self, header, request_iterator):
         assembler = wire.TensorAssembler(header, self.engine.settings.max_visual_bytes)

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from llm_service.engine import Delta, Final, GenerationRequest
-from llm_service.inner_merge import InnerMergeSettings, merge_visual_tokens
+from llm_service.inner_merge import merge_visual_tokens
 from llm_service.prompt import VIDEO, Message
 from llm_service.runner import ModelRunner, StageThree
 from llm_service.sampling import SamplingParams
+from videollm.settings import InnerCompressionSettings
 
 
 def visual_tokens(engine, count: int, seed: int) -> torch.Tensor:
@@ -24,7 +25,7 @@ def request_for(engine, index: int, max_tokens: int) -> GenerationRequest:
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.8 if index % 4 == 3 else 0.0, seed=index)
     if index % 3 == 0:
         return GenerationRequest([Message("user", (f"Tell me a story number {index}.",))], sampling)
-    inner = (1, 0.5) if index % 5 == 1 else None
+    inner = InnerCompressionSettings(layer=1) if index % 5 == 1 else None
     return GenerationRequest([Message("user", (VIDEO, f"What happens in part {index}?"))], sampling,
                              visual=visual_tokens(engine, 40 + 37 * index, seed=index), inner=inner)
 
@@ -121,7 +122,7 @@ def test_stage_three_prefill_matches_a_reference_built_from_transformers_layers(
     model = lm.model.model
     start, count = 5, 60
     embeds = model.embed_tokens(torch.arange(2, 2 + 80) % 900)  # [80, D], rows 5..64 stand for visual tokens
-    settings = InnerMergeSettings(layer=1, drop_ratio=0.5)
+    settings = InnerCompressionSettings(layer=1, drop_ratio=0.5)
     with torch.inference_mode():
         # Reference: layer 0 through transformers on the full sequence, the merge, layer 1 on the rest.
         positions = torch.arange(80)[None]

@@ -262,8 +262,10 @@ def test_an_unknown_model_name_gets_404(gateway, clean_redis, small_mp4):
         pytest.param({"max_completion_tokens": 13593480161152100}, "max_completion_tokens", id="huge max tokens"),
         pytest.param({"top_k": 2**32}, "top_k", id="huge top_k"),
         pytest.param({"videollm": {"num_frames": 2**40}}, "videollm.num_frames", id="huge num_frames"),
-        pytest.param({"videollm": {"compression": {"inner": {"k": 2**33}}}}, "videollm.compression.inner.k",
-                     id="huge inner layer"),
+        pytest.param({"videollm": {"num_frames": 4, "inner_compression": {"layer": 2**33}}},
+                     "videollm.inner_compression.layer", id="huge inner layer"),
+        pytest.param({"videollm": {"num_frames": 4, "inner_compression": {"drop_ratio": 1.0}}},
+                     "videollm.inner_compression.drop_ratio", id="inner drop ratio 1"),
     ],
 )
 def test_an_invalid_parameter_gets_400_naming_it(gateway, clean_redis, small_mp4, fields, param):

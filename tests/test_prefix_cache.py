@@ -12,6 +12,7 @@ from llm_service.engine import Delta, GenerationRequest, LLMEngine
 from llm_service.prompt import VIDEO, Message
 from llm_service.sampling import SamplingParams
 from llm_service.server import start as start_llm
+from videollm.settings import InnerCompressionSettings
 from videollm.settings import LLMSettings
 from videos import make_video
 
@@ -45,7 +46,7 @@ def test_a_different_prefix_or_stage_three_never_reuses(llm_service):
                                SamplingParams(max_tokens=2), video_key="video-b")
     assert engine.needs_visual(system)  # another chat before the video: another prefix
     inner = GenerationRequest([Message("user", (VIDEO, "Q"))], SamplingParams(max_tokens=2), video_key="video-b",
-                              inner=(0, 0.0))
+                              inner=InnerCompressionSettings())
     assert engine.needs_visual(inner)
 
 

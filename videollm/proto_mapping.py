@@ -1,11 +1,11 @@
-"""Compression settings <-> their protobuf message, in one place for every service."""
+"""Compression settings (encoder and Stage III) <-> their protobuf messages, in one place for every service."""
 
 from __future__ import annotations
 
 from pydantic import ValidationError
 
-from protos.videollm.v1 import encoder_pb2
-from videollm.settings import CompressionSettings
+from protos.videollm.v1 import encoder_pb2, llm_pb2
+from videollm.settings import CompressionSettings, InnerCompressionSettings
 
 _SCALARS = ("retain_ratio", "tau", "max_window", "ema", "d", "k", "beta")
 
@@ -34,6 +34,19 @@ def compression_from_proto(message: encoder_pb2.Compression, defaults: Compressi
         return CompressionSettings.model_validate(values)
     except ValidationError as err:
         raise ValueError(describe_validation_error(err, "compression")) from err
+
+
+def inner_to_proto(settings: InnerCompressionSettings) -> llm_pb2.InnerCompression:
+    return llm_pb2.InnerCompression(layer=settings.layer, drop_ratio=settings.drop_ratio)
+
+
+def inner_from_proto(message: llm_pb2.InnerCompression) -> InnerCompressionSettings:
+    """Raises ValueError with a readable message when a value is out of range."""
+    try:
+        return InnerCompressionSettings(layer=message.layer if message.HasField("layer") else None,
+                                        drop_ratio=message.drop_ratio)
+    except ValidationError as err:
+        raise ValueError(describe_validation_error(err, "inner_compression", InnerCompressionSettings)) from err
 
 
 def allowed_range(model: type, name: str) -> str | None:

@@ -40,6 +40,7 @@ def public_settings(settings: BaseModel) -> dict:
 
 
 REFERENCE_ENCODER_DEPTH = 26  # prune_layers are given for LLaVA-OneVision's 26-layer SigLIP
+INNER_REFERENCE_DEPTH, INNER_REFERENCE_LAYER = 28, 18  # Stage III's published layer, for the 7B's 28 layers
 
 
 class CompressionSettings(BaseModel):
@@ -78,6 +79,32 @@ class CompressionSettings(BaseModel):
     def cache_fields(self) -> dict:
         """What the tokens depend on: every field for EarlyTom, only the method for "none"."""
         return self.model_dump() if self.method == "earlytom" else {"method": "none"}
+
+
+class InnerCompressionSettings(BaseModel):
+    """EarlyTom Stage III inside the LLM, asked for per request (off unless given).
+
+    At decoder layer `layer` the visual tokens the last prompt token attended to least (share
+    `drop_ratio`) are averaged into their most similar kept token. It depends on the question, so
+    a request with it never shares a cached video prefix. The authors' 7B default is layer 18 of
+    28; an LLM of another depth gets it scaled (`resolve`).
+    """
+
+    model_config = {"extra": "forbid"}
+
+    layer: int | None = Field(None, ge=1, le=1024, description="first decoder layer that runs on the shorter "
+                              "sequence (default: 18 of 28 layers, scaled to the LLM's depth)")
+    drop_ratio: float = Field(0.5, gt=0.0, lt=1.0, description="share of the visual tokens merged away")
+
+    def resolve(self, depth: int) -> InnerCompressionSettings:
+        """These settings for an LLM with `depth` decoder layers: the layer filled in and checked."""
+        layer = self.layer
+        if layer is None:
+            layer = min(depth - 1, max(1, round(INNER_REFERENCE_LAYER * depth / INNER_REFERENCE_DEPTH)))
+        if not 1 <= layer < depth:
+            raise ValueError(f"inner_compression.layer must be in 1..{depth - 1} for this {depth}-layer LLM, "
+                             f"got {layer}")
+        return self.model_copy(update={"layer": layer})
 
 
 class _ServiceSettings(BaseSettings):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.videollm.v1 import tensor_pb2 as protos_dot_videollm_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/videollm/v1/llm.proto\x12\x0bvideollm.v1\x1a\x1fprotos/videollm/v1/tensor.proto\"\x10\n\x0eLLMInfoRequest\"\x86\x03\n\x07LLMInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x03 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x04 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x1d\n\x15generations_completed\x18\x07 \x01(\x04\x12\x19\n\x11peak_memory_bytes\x18\x08 \x01(\x04\x12\x14\n\x0cvisual_pulls\x18\t \x01(\x04\x12\x1d\n\x15visual_pull_fallbacks\x18\n \x01(\x04\x12\x14\n\x0c\x64\x65\x63ode_slots\x18\x0b \x01(\r\x12\x18\n\x10\x61\x63tive_sequences\x18\x0c \x01(\r\x12\x19\n\x11waiting_sequences\x18\r \x01(\r\x12\"\n\x1avisual_pulls_shared_memory\x18\x0e \x01(\x04\x12\x15\n\rsettings_json\x18\x0f \x01(\t\"6\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05video\x18\x02 \x01(\x08H\x00\x42\x06\n\x04part\"F\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12)\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x18.videollm.v1.ContentPart\"\x81\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x07\n\x05_seed\"F\n\x10InnerCompression\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x12\n\ndrop_ratio\x18\x03 \x01(\x01\"\xb5\x02\n\rGenerateSetup\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.videollm.v1.ChatMessage\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.videollm.v1.SamplingParams\x12)\n\x06visual\x18\x03 \x01(\x0b\x32\x19.videollm.v1.TensorHeader\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\"\n\x1auncompressed_visual_tokens\x18\x05 \x01(\r\x12,\n\x05inner\x18\x06 \x01(\x0b\x32\x1d.videollm.v1.InnerCompression\x12\x11\n\tvideo_key\x18\x07 \x01(\t\x12%\n\x04pull\x18\x08 \x01(\x0b\x32\x17.videollm.v1.VisualPull\"-\n\nVisualPull\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06ticket\x18\x02 \x01(\t\"x\n\x0fGenerateRequest\x12+\n\x05setup\x18\x01 \x01(\x0b\x32\x1a.videollm.v1.GenerateSetupH\x00\x12\x30\n\x0cvisual_chunk\x18\x02 \x01(\x0b\x32\x18.videollm.v1.TensorChunkH\x00\x42\x06\n\x04item\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rvisual_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"\x8c\x01\n\x0fGenerateTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x05 \x01(\x01\x12\x12\n\nreceive_ms\x18\x06 \x01(\x01\"=\n\x0cPrefillFlops\x12\x0f\n\x07prefill\x18\x01 \x01(\x01\x12\x1c\n\x14prefill_uncompressed\x18\x02 \x01(\x01\"\xa2\x01\n\rGenerateFinal\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.videollm.v1.Usage\x12-\n\x07timings\x18\x03 \x01(\x0b\x32\x1c.videollm.v1.GenerateTimings\x12(\n\x05\x66lops\x18\x04 \x01(\x0b\x32\x19.videollm.v1.PrefillFlops\"\x1f\n\x08\x41\x63\x63\x65pted\x12\x13\n\x0bneed_visual\x18\x01 \x01(\x08\"\x9b\x01\n\x10GenerateResponse\x12\'\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x16.videollm.v1.TextDeltaH\x00\x12+\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1a.videollm.v1.GenerateFinalH\x00\x12)\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x0b\x32\x15.videollm.v1.AcceptedH\x00\x42\x06\n\x04item2\x8d\x01\n\x03LLM\x12K\n\x08Generate\x12\x1c.videollm.v1.GenerateRequest\x1a\x1d.videollm.v1.GenerateResponse(\x01\x30\x01\x12\x39\n\x04Info\x12\x1b.videollm.v1.LLMInfoRequest\x1a\x14.videollm.v1.LLMInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/videollm/v1/llm.proto\x12\x0bvideollm.v1\x1a\x1fprotos/videollm/v1/tensor.proto\"\x10\n\x0eLLMInfoRequest\"\x86\x03\n\x07LLMInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x03 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x04 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x1d\n\x15generations_completed\x18\x07 \x01(\x04\x12\x19\n\x11peak_memory_bytes\x18\x08 \x01(\x04\x12\x14\n\x0cvisual_pulls\x18\t \x01(\x04\x12\x1d\n\x15visual_pull_fallbacks\x18\n \x01(\x04\x12\x14\n\x0c\x64\x65\x63ode_slots\x18\x0b \x01(\r\x12\x18\n\x10\x61\x63tive_sequences\x18\x0c \x01(\r\x12\x19\n\x11waiting_sequences\x18\r \x01(\r\x12\"\n\x1avisual_pulls_shared_memory\x18\x0e \x01(\x04\x12\x15\n\rsettings_json\x18\x0f \x01(\t\"6\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05video\x18\x02 \x01(\x08H\x00\x42\x06\n\x04part\"F\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12)\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x18.videollm.v1.ContentPart\"\x81\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x07\n\x05_seed\"J\n\x10InnerCompression\x12\x12\n\x05layer\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x12\n\ndrop_ratio\x18\x03 \x01(\x01\x42\x08\n\x06_layerJ\x04\x08\x01\x10\x02\"\xb5\x02\n\rGenerateSetup\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.videollm.v1.ChatMessage\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.videollm.v1.SamplingParams\x12)\n\x06visual\x18\x03 \x01(\x0b\x32\x19.videollm.v1.TensorHeader\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\"\n\x1auncompressed_visual_tokens\x18\x05 \x01(\r\x12,\n\x05inner\x18\x06 \x01(\x0b\x32\x1d.videollm.v1.InnerCompression\x12\x11\n\tvideo_key\x18\x07 \x01(\t\x12%\n\x04pull\x18\x08 \x01(\x0b\x32\x17.videollm.v1.VisualPull\"-\n\nVisualPull\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06ticket\x18\x02 \x01(\t\"x\n\x0fGenerateRequest\x12+\n\x05setup\x18\x01 \x01(\x0b\x32\x1a.videollm.v1.GenerateSetupH\x00\x12\x30\n\x0cvisual_chunk\x18\x02 \x01(\x0b\x32\x18.videollm.v1.TensorChunkH\x00\x42\x06\n\x04item\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rvisual_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"\x8c\x01\n\x0fGenerateTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x05 \x01(\x01\x12\x12\n\nreceive_ms\x18\x06 \x01(\x01\"=\n\x0cPrefillFlops\x12\x0f\n\x07prefill\x18\x01 \x01(\x01\x12\x1c\n\x14prefill_uncompressed\x18\x02 \x01(\x01\"\xa2\x01\n\rGenerateFinal\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.videollm.v1.Usage\x12-\n\x07timings\x18\x03 \x01(\x0b\x32\x1c.videollm.v1.GenerateTimings\x12(\n\x05\x66lops\x18\x04 \x01(\x0b\x32\x19.videollm.v1.PrefillFlops\"\x1f\n\x08\x41\x63\x63\x65pted\x12\x13\n\x0bneed_visual\x18\x01 \x01(\x08\"\x9b\x01\n\x10GenerateResponse\x12\'\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x16.videollm.v1.TextDeltaH\x00\x12+\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1a.videollm.v1.GenerateFinalH\x00\x12)\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x0b\x32\x15.videollm.v1.AcceptedH\x00\x42\x06\n\x04item2\x8d\x01\n\x03LLM\x12K\n\x08Generate\x12\x1c.videollm.v1.GenerateRequest\x1a\x1d.videollm.v1.GenerateResponse(\x01\x30\x01\x12\x39\n\x04Info\x12\x1b.videollm.v1.LLMInfoRequest\x1a\x14.videollm.v1.LLMInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,27 +43,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=618
   _globals['_SAMPLINGPARAMS']._serialized_end=747
   _globals['_INNERCOMPRESSION']._serialized_start=749
-  _globals['_INNERCOMPRESSION']._serialized_end=819
-  _globals['_GENERATESETUP']._serialized_start=822
-  _globals['_GENERATESETUP']._serialized_end=1131
-  _globals['_VISUALPULL']._serialized_start=1133
-  _globals['_VISUALPULL']._serialized_end=1178
-  _globals['_GENERATEREQUEST']._serialized_start=1180
-  _globals['_GENERATEREQUEST']._serialized_end=1300
-  _globals['_TEXTDELTA']._serialized_start=1302
-  _globals['_TEXTDELTA']._serialized_end=1327
-  _globals['_USAGE']._serialized_start=1329
-  _globals['_USAGE']._serialized_end=1409
-  _globals['_GENERATETIMINGS']._serialized_start=1412
-  _globals['_GENERATETIMINGS']._serialized_end=1552
-  _globals['_PREFILLFLOPS']._serialized_start=1554
-  _globals['_PREFILLFLOPS']._serialized_end=1615
-  _globals['_GENERATEFINAL']._serialized_start=1618
-  _globals['_GENERATEFINAL']._serialized_end=1780
-  _globals['_ACCEPTED']._serialized_start=1782
-  _globals['_ACCEPTED']._serialized_end=1813
-  _globals['_GENERATERESPONSE']._serialized_start=1816
-  _globals['_GENERATERESPONSE']._serialized_end=1971
-  _globals['_LLM']._serialized_start=1974
-  _globals['_LLM']._serialized_end=2115
+  _globals['_INNERCOMPRESSION']._serialized_end=823
+  _globals['_GENERATESETUP']._serialized_start=826
+  _globals['_GENERATESETUP']._serialized_end=1135
+  _globals['_VISUALPULL']._serialized_start=1137
+  _globals['_VISUALPULL']._serialized_end=1182
+  _globals['_GENERATEREQUEST']._serialized_start=1184
+  _globals['_GENERATEREQUEST']._serialized_end=1304
+  _globals['_TEXTDELTA']._serialized_start=1306
+  _globals['_TEXTDELTA']._serialized_end=1331
+  _globals['_USAGE']._serialized_start=1333
+  _globals['_USAGE']._serialized_end=1413
+  _globals['_GENERATETIMINGS']._serialized_start=1416
+  _globals['_GENERATETIMINGS']._serialized_end=1556
+  _globals['_PREFILLFLOPS']._serialized_start=1558
+  _globals['_PREFILLFLOPS']._serialized_end=1619
+  _globals['_GENERATEFINAL']._serialized_start=1622
+  _globals['_GENERATEFINAL']._serialized_end=1784
+  _globals['_ACCEPTED']._serialized_start=1786
+  _globals['_ACCEPTED']._serialized_end=1817
+  _globals['_GENERATERESPONSE']._serialized_start=1820
+  _globals['_GENERATERESPONSE']._serialized_end=1975
+  _globals['_LLM']._serialized_start=1978
+  _globals['_LLM']._serialized_end=2119
 # @@protoc_insertion_point(module_scope)

@@ -78,14 +78,12 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class InnerCompression(_message.Message):
-    __slots__ = ("enabled", "layer", "drop_ratio")
-    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("layer", "drop_ratio")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     DROP_RATIO_FIELD_NUMBER: _ClassVar[int]
-    enabled: bool
     layer: int
     drop_ratio: float
-    def __init__(self, enabled: _Optional[bool] = ..., layer: _Optional[int] = ..., drop_ratio: _Optional[float] = ...) -> None: ...
+    def __init__(self, layer: _Optional[int] = ..., drop_ratio: _Optional[float] = ...) -> None: ...
 
 class GenerateSetup(_message.Message):
     __slots__ = ("messages", "sampling", "visual", "request_id", "uncompressed_visual_tokens", "inner", "video_key", "pull")
