@@ -1,4 +1,4 @@
-"""EarlyTom token compression through the real REST gateway (shared/EARLYTOM.md).
+"""EarlyTom token compression through the real REST gateway (docs/earlytom.md).
 
 Per-request `videollm.compression` settings are validated on the merged settings (400 in OpenAI's
 shape, nothing cached), the response's `videollm` object reports what the encoder did (segments,

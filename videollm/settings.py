@@ -44,7 +44,7 @@ INNER_REFERENCE_DEPTH, INNER_REFERENCE_LAYER = 28, 18  # Stage III's published l
 
 
 class CompressionSettings(BaseModel):
-    """Token compression inside the encoder (EarlyTom, shared/EARLYTOM.md).
+    """Token compression inside the encoder (EarlyTom, docs/earlytom.md).
 
     method "none" keeps every token (T*196 + 1). The defaults are the authors' published general
     defaults for LLaVA-OneVision. prune_layers are 0-based indices of the 26-layer encoder; an
@@ -140,8 +140,8 @@ class EncoderSettings(_ServiceSettings):
                                 "max_frames: a lower max_frames lowers it too unless it is given)")
     max_frames: int = Field(64, ge=1, description="largest num_frames a request may ask for")
     batch_max_requests: int = Field(1, ge=1, le=64, description="requests whose frames may go through the vision "
-                                    "tower together (1 = each alone: on an H200 batching lowered end-to-end "
-                                    "throughput, see docs/bench/README.md)")
+                                    "tower together (1 = each alone, the default: batching was measured slower "
+                                    "end to end, docs/bench/README.md)")
     batch_max_frames: int = Field(128, ge=1, description="most sampled frames in one pass of the vision tower when "
                                   "batch_max_requests > 1 (at least max_frames)")
     max_video_bytes: int = Field(256 * MiB, ge=1, description="largest video file accepted")
