@@ -6,7 +6,6 @@ checkpoint's chat_template.jinja / chat_template.json (where processor checkpoin
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
@@ -55,10 +54,6 @@ class LanguageModel:
             self.model.lm_head.weight = self.model.model.embed_tokens.weight
         else:
             raise CheckpointError(f"the checkpoint in {model_dir} has no lm_head weights and does not tie them")
-
-        # transformers renamed `past_key_values` to `cache` (5.2x); older 5.x releases know only the first.
-        forward_args = inspect.signature(self.model.forward).parameters
-        self.cache_arg = "cache" if "cache" in forward_args else "past_key_values"
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.chat_template = _chat_template(model_dir, self.tokenizer)

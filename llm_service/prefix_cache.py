@@ -22,18 +22,13 @@ class PrefixKV:
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: keys, values [H_kv, L, dh] (own copies)
     position: int  # rotary position of the first token after the prefix
 
-    @property
-    def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
-
 
 class PrefixCache:
     def __init__(self, max_entries: int):
         self.max_entries = max_entries
         self._entries: OrderedDict[str, PrefixKV] = OrderedDict()
         self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
+        self.hits = 0  # lookups that found their prefix (the tests read it)
 
     @staticmethod
     def key(video_key: str, prefix_ids: list[int]) -> str:
@@ -49,7 +44,6 @@ class PrefixCache:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
-                self.misses += 1
                 return None
             self._entries.move_to_end(key)
             self.hits += 1

@@ -255,22 +255,16 @@ class ModelRunner:
 
     # --- the cache of one slot ----------------------------------------------------------------
 
-    def read(self, slot: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
-        """Copies of the slot's keys and values per layer ([H_kv, L_i, dh] each) and its next position."""
-        layers = []
-        for index, rows in enumerate(self.lengths[:, slot].tolist()):
-            layers.append((self.keys[index][slot, :, :rows].clone(), self.values[index][slot, :, :rows].clone()))
-        return layers, int(self.positions[slot])
-
     def read_prefix(self, slot: int, rows: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
-        """Like `read`, the first `rows` tokens only, of a slot filled by a plain prefill (every layer
-        holds every token, so the next position is `rows`)."""
+        """Copies of the keys and values of the slot's first `rows` tokens per layer ([H_kv, rows, dh]
+        each) and the rotary position after them; the slot was filled by a plain prefill (every layer
+        holds every token, so that position is `rows`)."""
         layers = [(keys[slot, :, :rows].clone(), values[slot, :, :rows].clone())
                   for keys, values in zip(self.keys, self.values)]  # [H_kv, rows, dh] each
         return layers, rows
 
     def write(self, slot: int, layers: list[tuple[torch.Tensor, torch.Tensor]], position: int) -> None:
-        """Fill an empty slot with keys and values from `read`."""
+        """Fill an empty slot with keys and values from `read_prefix` and set its next rotary position."""
         for index, (keys, values) in enumerate(layers):
             rows = keys.shape[1]
             self.keys[index][slot, :, :rows] = keys
