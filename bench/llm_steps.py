@@ -64,7 +64,7 @@ def main(argv=None) -> int:
             def step():
                 runner.decode(batch, tokens)
                 for slot in range(batch):  # stay at the same context length
-                    runner.rows[slot] -= 1
+                    runner.filled[slot] -= 1
                 runner.lengths[:, :batch] -= 1
                 runner.positions[:batch] -= 1
 

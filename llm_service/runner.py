@@ -8,9 +8,11 @@ transformers' model object holds the weights; this module runs its layers by han
     size and key-length bucket), so decoding costs kernel time rather than Python time.
 
 Slots are kept dense: active sequences occupy slots 0..n-1 (`move` fills a hole left by a finished
-one), so a step over n sequences is the bucket >= n. Per slot and per layer, `lengths` counts the
-rows written; layers after a Stage III merge hold fewer rows than the layers before it, while the
-rotary position of the next token (`positions`) stays the position in the unshortened prompt.
+one), so a step over n sequences is the bucket >= n. Each layer's cache is [slots, H_kv, L, dh]: a
+slot holds one row (along L) per token. Per slot and per layer, `lengths` counts the rows written
+(the next token goes to row `lengths`); layers after a Stage III merge hold fewer rows than the
+layers before it, while the rotary position of the next token (`positions`) stays the position in
+the unshortened prompt. `filled` is the host's copy of the longest layer's length per slot.
 """
 
 from __future__ import annotations
@@ -116,20 +118,20 @@ class ModelRunner:
         with torch.device(self.device):
             self.keys = [torch.zeros(shape, dtype=self.dtype) for _ in range(depth)]  # [S, H_kv, L, dh] each
             self.values = [torch.zeros(shape, dtype=self.dtype) for _ in range(depth)]
-            self.lengths = torch.zeros(depth, slots, dtype=torch.long)  # rows written per layer and slot
-            self.positions = torch.zeros(slots, dtype=torch.long)  # rotary position of the next token
-            self.tokens = torch.zeros(slots, dtype=torch.long)  # the next input token of each slot
-            self.slot_index = torch.arange(slots)
-            self.key_index = torch.arange(max_length)
+            self.lengths = torch.zeros(depth, slots, dtype=torch.long)  # [layers, S] rows written per layer and slot
+            self.positions = torch.zeros(slots, dtype=torch.long)  # [S] rotary position of the next token
+            self.tokens = torch.zeros(slots, dtype=torch.long)  # [S] the next input token of each slot
+            self.slot_index = torch.arange(slots)  # [S]
+            self.key_index = torch.arange(max_length)  # [L]
             # Static inputs of a prompt chunk: its slot, embeddings, rotary positions, index of its last token.
-            self.chunk_slot = torch.zeros(1, dtype=torch.long)
-            self.chunk_embeds = torch.zeros(PROMPT_BUCKETS[-1], model.config.hidden_size, dtype=self.dtype)
-            self.chunk_positions = torch.zeros(PROMPT_BUCKETS[-1], dtype=torch.long)
-            self.chunk_last = torch.zeros(1, dtype=torch.long)
+            self.chunk_slot = torch.zeros(1, dtype=torch.long)  # [1]
+            self.chunk_embeds = torch.zeros(PROMPT_BUCKETS[-1], model.config.hidden_size, dtype=self.dtype)  # [Q_max, D]
+            self.chunk_positions = torch.zeros(PROMPT_BUCKETS[-1], dtype=torch.long)  # [Q_max]
+            self.chunk_last = torch.zeros(1, dtype=torch.long)  # [1]
             probe = torch.zeros(1, dtype=self.dtype)
             cos, sin = model.model.rotary_emb(probe, torch.arange(max_length)[None])  # [1, L, dh]
         self.cos, self.sin = cos[0], sin[0]  # [L, dh], exactly as transformers computes them per position
-        self.rows = [0] * slots  # host copy: most rows any layer of the slot holds
+        self.filled = [0] * slots  # per slot, the rows its longest layer holds (host copy: no device read per step)
         self.batch_buckets = _buckets(slots, 1) if slots > 1 else [1]
         self.key_buckets = _buckets(max_length, min(MIN_KEY_BUCKET, max_length))
         self.prompt_buckets = [size for size in PROMPT_BUCKETS if size <= max_length]
@@ -151,8 +153,8 @@ class ModelRunner:
         Prompts up to the largest chunk run as one chunk pass (a replayed graph on CUDA); longer ones
         and Stage III run layer by layer with causal flash attention."""
         length = embeds.shape[0]
-        if self.rows[slot] + length > self.max_length:
-            raise ValueError(f"{self.rows[slot] + length} tokens do not fit a KV cache slot of {self.max_length}")
+        if self.filled[slot] + length > self.max_length:
+            raise ValueError(f"{self.filled[slot] + length} tokens do not fit a KV cache slot of {self.max_length}")
         if merge is None and length <= self.prompt_buckets[-1]:
             return self._prefill_chunk(slot, embeds, position)
         positions = torch.arange(position, position + length, device=self.device)  # [L]
@@ -173,12 +175,12 @@ class ModelRunner:
             hidden = hidden + _mlp(_rms_norm(hidden, layer.post_attention_layernorm), layer.mlp, self.fused[index])
             ends.append(starts[index] + hidden.shape[0])
         self.lengths[:, slot] = torch.tensor(ends, device=self.device)
-        self.rows[slot] = max(ends)
+        self.filled[slot] = max(ends)
         self.positions[slot] = position + length
         return self._logits(hidden[-1:])[0]  # [V]
 
     def _prefill_chunk(self, slot: int, embeds: torch.Tensor, position: int) -> torch.Tensor:
-        length, start = embeds.shape[0], self.rows[slot]
+        length, start = embeds.shape[0], self.filled[slot]  # start: rows already in the slot
         shape = (length, start + length)  # exact shapes when no graph is used
         if self.chunk_graphs:
             chunk = self._bucket(self.prompt_buckets, length)
@@ -195,30 +197,30 @@ class ModelRunner:
         else:
             logits = self._chunk(*shape)
         self.lengths[:, slot] += length
-        self.rows[slot] = start + length
+        self.filled[slot] = start + length
         self.positions[slot] = position + length
         return logits[0]  # [V]
 
     def _chunk(self, count: int, key_length: int) -> torch.Tensor:
         """`count` prompt tokens from the static chunk inputs appended to slot `chunk_slot` (which holds
-        fewer than key_length - count rows) -> logits of the row `chunk_last` [1, V]."""
+        fewer than key_length - count rows) -> logits of its token `chunk_last` [1, V]."""
         dh, group = self.head_dim, self.group
         slot = self.chunk_slot  # [1]
         hidden = self.chunk_embeds[:count]  # [Q, D]
-        positions = self.chunk_positions[:count]
+        positions = self.chunk_positions[:count]  # [Q]
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [Q, 1, dh]
-        key_index = self.key_index[:key_length]
+        key_index = self.key_index[:key_length]  # [K]
         for index, layer in enumerate(self.layers):
-            rows = self.lengths[index].index_select(0, slot) + self.key_index[:count]  # [Q] rows this chunk writes
+            write_at = self.lengths[index].index_select(0, slot) + self.key_index[:count]  # [Q] row of each token
             normed = _rms_norm(hidden, layer.input_layernorm)
             queries, keys, values = self._qkv(index, normed, cos, sin)  # [Q, H, dh], [Q, H_kv, dh] x 2
-            self.keys[index][slot, :, rows] = keys
-            self.values[index][slot, :, rows] = values
+            self.keys[index][slot, :, write_at] = keys  # [Q, H_kv, dh] into rows write_at of the slot
+            self.values[index][slot, :, write_at] = values
             slot_keys = self.keys[index][:, :, :key_length].index_select(0, slot)  # [1, H_kv, K, dh]
             slot_values = self.values[index][:, :, :key_length].index_select(0, slot)
             # The G query heads of a key head are stacked along the query axis: [1, H_kv, G*Q, dh].
             stacked = queries.view(count, self.kv_heads, group, dh).permute(1, 2, 0, 3).reshape(1, self.kv_heads, -1, dh)
-            visible = (key_index[None, :] <= rows[:, None]).repeat(group, 1)  # [G*Q, K]
+            visible = (key_index[None, :] <= write_at[:, None]).repeat(group, 1)  # [G*Q, K]
             out = F.scaled_dot_product_attention(stacked, slot_keys, slot_values, attn_mask=visible)  # [1, H_kv, G*Q, dh]
             out = out.view(self.kv_heads, group, count, dh).permute(2, 0, 1, 3).reshape(count, self.heads * dh)
             hidden = hidden + layer.self_attn.o_proj(out)
@@ -238,15 +240,15 @@ class ModelRunner:
         dh = self.head_dim
         queries, keys, values = self._qkv(index, normed, cos[:, None], sin[:, None])  # [L, H(_kv), dh]
         queries, keys, values = queries.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)  # [H(_kv), L, dh]
-        end = start + length
-        self.keys[index][slot, :, start:end] = keys
+        end = start + length  # the slot's rows start..end-1 are this layer's new ones
+        self.keys[index][slot, :, start:end] = keys  # [H_kv, L, dh]
         self.values[index][slot, :, start:end] = values
-        all_keys = self.keys[index][slot, :, :end].repeat_interleave(self.group, dim=0)  # [H, S, dh]
+        all_keys = self.keys[index][slot, :, :end].repeat_interleave(self.group, dim=0)  # [H, end, dh]
         all_values = self.values[index][slot, :, :end].repeat_interleave(self.group, dim=0)
         if start == 0:
             out = F.scaled_dot_product_attention(queries[None], all_keys[None], all_values[None], is_causal=True)
-        else:  # a cached prefix precedes: row j sees keys up to start + j
-            visible = self.key_index[:end][None, :] <= (start + torch.arange(length, device=self.device))[:, None]
+        else:  # a cached prefix precedes: query j sees keys up to start + j
+            visible = self.key_index[:end][None, :] <= (start + torch.arange(length, device=self.device))[:, None]  # [L, end]
             out = F.scaled_dot_product_attention(queries[None], all_keys[None], all_values[None], attn_mask=visible)
         return self.layers[index].self_attn.o_proj(out[0].transpose(0, 1).reshape(length, self.heads * dh))  # [L, D]
 
@@ -255,40 +257,40 @@ class ModelRunner:
 
     # --- the cache of one slot ----------------------------------------------------------------
 
-    def read_prefix(self, slot: int, rows: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
-        """Copies of the keys and values of the slot's first `rows` tokens per layer ([H_kv, rows, dh]
+    def read_prefix(self, slot: int, length: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """Copies of the keys and values of the slot's first `length` tokens per layer ([H_kv, length, dh]
         each) and the rotary position after them; the slot was filled by a plain prefill (every layer
-        holds every token, so that position is `rows`)."""
-        layers = [(keys[slot, :, :rows].clone(), values[slot, :, :rows].clone())
-                  for keys, values in zip(self.keys, self.values)]  # [H_kv, rows, dh] each
-        return layers, rows
+        holds every token, so that position is `length`)."""
+        layers = [(keys[slot, :, :length].clone(), values[slot, :, :length].clone())
+                  for keys, values in zip(self.keys, self.values)]  # [H_kv, length, dh] each
+        return layers, length
 
     def write(self, slot: int, layers: list[tuple[torch.Tensor, torch.Tensor]], position: int) -> None:
         """Fill an empty slot with keys and values from `read_prefix` and set its next rotary position."""
-        for index, (keys, values) in enumerate(layers):
-            rows = keys.shape[1]
-            self.keys[index][slot, :, :rows] = keys
-            self.values[index][slot, :, :rows] = values
-            self.lengths[index, slot] = rows
-        self.rows[slot] = max(keys.shape[1] for keys, _ in layers)
+        for index, (keys, values) in enumerate(layers):  # [H_kv, length, dh] each
+            length = keys.shape[1]
+            self.keys[index][slot, :, :length] = keys
+            self.values[index][slot, :, :length] = values
+            self.lengths[index, slot] = length
+        self.filled[slot] = max(keys.shape[1] for keys, _ in layers)
         self.positions[slot] = position
 
     def move(self, source: int, target: int) -> None:
         """Copy the sequence in `source` to the free slot `target`, then free `source`."""
-        for index, rows in enumerate(self.lengths[:, source].tolist()):
-            self.keys[index][target, :, :rows] = self.keys[index][source, :, :rows]
-            self.values[index][target, :, :rows] = self.values[index][source, :, :rows]
+        for index, length in enumerate(self.lengths[:, source].tolist()):
+            self.keys[index][target, :, :length] = self.keys[index][source, :, :length]  # [H_kv, length, dh]
+            self.values[index][target, :, :length] = self.values[index][source, :, :length]
         self.lengths[:, target] = self.lengths[:, source]
         self.positions[target] = self.positions[source]
         self.tokens[target] = self.tokens[source]
-        self.rows[target] = self.rows[source]
+        self.filled[target] = self.filled[source]
         self.free(source)
 
     def free(self, slot: int) -> None:
         self.lengths[:, slot] = 0
         self.positions[slot] = 0
         self.tokens[slot] = 0
-        self.rows[slot] = 0
+        self.filled[slot] = 0
 
     # --- decode -------------------------------------------------------------------------------
 
@@ -296,19 +298,19 @@ class ModelRunner:
         """One token for slots 0..batch-1 from `tokens`; writes their keys and values -> logits [batch, V]."""
         dh = self.head_dim
         hidden = self.model.model.embed_tokens(self.tokens[:batch])  # [B, D]
-        positions = self.positions[:batch]
+        positions = self.positions[:batch]  # [B]
         cos = self.cos[positions][:, None, :]  # [B, 1, dh]
         sin = self.sin[positions][:, None, :]
-        rows = self.slot_index[:batch]
-        lengths = self.lengths[:, :batch]  # [layers, B] the row each slot writes, per layer
-        visible = (self.key_index[:key_length] <= lengths[..., None])[:, :, None, None, :]  # [layers, B, 1, 1, K]
+        slots = self.slot_index[:batch]  # [B] batch row b decodes slot b
+        write_at = self.lengths[:, :batch]  # [layers, B] the row each slot's new token goes to, per layer
+        visible = (self.key_index[:key_length] <= write_at[..., None])[:, :, None, None, :]  # [layers, B, 1, 1, K]
         for index, layer in enumerate(self.layers):
             normed = _rms_norm(hidden, layer.input_layernorm)
             queries, keys, values = self._qkv(index, normed, cos, sin)  # [B, H, dh], [B, H_kv, dh] x 2
             # The query heads sharing a key head act as that head's queries: no copies of keys.
             queries = queries.view(batch, self.kv_heads, self.group, dh)  # [B, H_kv, G, dh]
-            self.keys[index][rows, :, lengths[index]] = keys
-            self.values[index][rows, :, lengths[index]] = values
+            self.keys[index][slots, :, write_at[index]] = keys  # [B, H_kv, dh]: row write_at[index, b] of slot b
+            self.values[index][slots, :, write_at[index]] = values
             out = F.scaled_dot_product_attention(
                 queries, self.keys[index][:batch, :, :key_length], self.values[index][:batch, :, :key_length],
                 attn_mask=visible[index],
@@ -324,7 +326,7 @@ class ModelRunner:
     def decode(self, count: int, tokens: list[int]) -> torch.Tensor:
         """Feed `tokens` to slots 0..count-1, one step; return their logits [count, V]."""
         self.tokens[:count] = torch.tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)
-        need = max(self.rows[:count]) + 1
+        need = max(self.filled[:count]) + 1  # keys the step reads: the longest slot's rows and the new one
         if need > self.max_length:
             raise ValueError(f"a sequence outgrew its KV cache slot of {self.max_length} tokens")
         shape = (self._bucket(self.batch_buckets, count), self._bucket(self.key_buckets, need))
@@ -336,7 +338,7 @@ class ModelRunner:
         self.lengths[:, :count] += 1
         self.positions[:count] += 1
         for slot in range(count):
-            self.rows[slot] += 1
+            self.filled[slot] += 1
         self.steps += 1
         return logits[:count]
 
