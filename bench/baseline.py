@@ -34,9 +34,8 @@ class Monolithic:
         from transformers import AutoTokenizer, AutoVideoProcessor, LlavaOnevisionForConditionalGeneration
 
         self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:  # the memory statistics need an index
-            self.device = torch.device("cuda", torch.cuda.current_device())
         if self.device.type == "cuda":
+            torch.cuda.init()  # a fresh process (the baseline server) has no CUDA state to reset before this
             torch.cuda.reset_peak_memory_stats(self.device)
         self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(self.device)
         self.model.eval()
