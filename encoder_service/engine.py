@@ -16,7 +16,7 @@ import torch
 
 from encoder_service.tower_batcher import TowerBatcher, TowerJob
 from encoder_service.video_decode import DecodedVideo, VideoLimits, decode_video
-from encoder_service.vision import CompressionTrace, VisionEncoder, VisionOutput
+from encoder_service.vision import CompressionTrace, EncodeTimings, VisionEncoder, VisionOutput
 from videollm.checkpoint import check_model_dir, model_identity
 from videollm.flops import encoder_flops
 from videollm.settings import CompressionSettings, EncoderSettings
@@ -28,19 +28,6 @@ class EncodeRequestError(ValueError):
 
 class Overloaded(RuntimeError):
     """Too many requests in flight; the caller should retry later."""
-
-
-@dataclass
-class EncodeTimings:
-    decode_ms: float = 0.0
-    preprocess_ms: float = 0.0
-    vision_ms: float = 0.0
-    projector_ms: float = 0.0
-    queue_ms: float = 0.0
-    total_ms: float = 0.0
-    stage1_ms: float = 0.0
-    importance_ms: float = 0.0
-    stage2_ms: float = 0.0
 
 
 @dataclass
@@ -93,21 +80,19 @@ class EncoderEngine:
             self._admission.release()
 
     def _encode(self, video: bytes, num_frames: int, settings: CompressionSettings) -> EncodeResult:
-        timings = EncodeTimings()
         start = time.perf_counter()
         decoded = decode_video(video, num_frames, self.limits)
-        timings.decode_ms = (time.perf_counter() - start) * 1e3
+        decode_ms = (time.perf_counter() - start) * 1e3
 
         mark = time.perf_counter()
         job = self._preprocess(decoded, settings)
-        timings.preprocess_ms = (time.perf_counter() - mark) * 1e3
+        preprocess_ms = (time.perf_counter() - mark) * 1e3
 
         self.batcher.run(job)
         output: VisionOutput = job.result
         tokens = output.tokens  # [T'*n + 1, D_llm] on the CPU
-        timings.queue_ms = job.queue_ms
-        for name in ("vision_ms", "projector_ms", "stage1_ms", "importance_ms", "stage2_ms"):
-            setattr(timings, name, getattr(output.timings, name))
+        timings = output.timings  # the tower's part, this request's own copy
+        timings.decode_ms, timings.preprocess_ms, timings.queue_ms = decode_ms, preprocess_ms, job.queue_ms
         timings.total_ms = (time.perf_counter() - start) * 1e3
 
         vision_config, text_hidden = self.vision.config.vision_config, self.vision.hidden_size

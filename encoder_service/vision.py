@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,12 +36,21 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class VisionTimings:
-    vision_ms: float = 0.0
-    projector_ms: float = 0.0
-    stage1_ms: float = 0.0
-    importance_ms: float = 0.0
-    stage2_ms: float = 0.0
+class EncodeTimings:
+    """One request's encoder timings in milliseconds: the fields of the proto's EncodeTimings, which the
+    gateway reports as `encoder_timings_ms`. The tower fills its part (`encode_batch`: the batch's
+    times, which every request of the batch reports), the engine the rest (decode, preprocess,
+    queue, total)."""
+
+    decode_ms: float = 0.0  # container demux + frame decode
+    preprocess_ms: float = 0.0  # resize + normalise
+    vision_ms: float = 0.0  # vision tower
+    projector_ms: float = 0.0  # projector + pooling
+    queue_ms: float = 0.0  # waiting for the device
+    total_ms: float = 0.0
+    stage1_ms: float = 0.0  # frame similarity, segmentation and fusion (inside vision_ms)
+    importance_ms: float = 0.0  # attention received at the last prune layer (inside vision_ms)
+    stage2_ms: float = 0.0  # final segmentation and spatial selection
 
 
 @dataclass
@@ -61,7 +70,7 @@ class VisionOutput:
     tokens: torch.Tensor  # [N, D_llm] visual tokens in LLM order, newline last
     frames: int
     trace: CompressionTrace
-    timings: VisionTimings = field(default_factory=VisionTimings)
+    timings: EncodeTimings = field(default_factory=EncodeTimings)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -228,7 +237,7 @@ class VisionEncoder:
         if any(self.schedule(settings) != schedule for _, settings in requests[1:]):
             raise ValueError("encode_batch: the requests' layer schedules differ; batch only equal schedules")
         flows = [_Flow(settings, pixels.shape[0]) for pixels, settings in requests]
-        timings = VisionTimings()  # the batch's; every request reports them
+        timings = EncodeTimings()  # the batch's; every request reports them
 
         start = time.perf_counter()
         pixels = _joined([p.to(self.device, self.dtype) for p, _ in requests])  # [sum T, 3, H, W]
@@ -273,7 +282,7 @@ class VisionEncoder:
         if schedule.compresses:
             timings.stage2_ms = (time.perf_counter() - start) * 1e3
         for output in outputs:
-            output.timings = VisionTimings(**vars(timings))
+            output.timings = replace(timings)
         return outputs
 
     def _select(self, flow: _Flow, features: torch.Tensor) -> VisionOutput:
