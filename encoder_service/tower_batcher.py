@@ -9,10 +9,10 @@ inside a SigLIP layer and EarlyTom's steps run per request, so a request's token
 on its batch; if a batch fails, each of its requests is retried alone, so that one request's
 failure is its own.
 
-Measured on an H200 (docs/bench/README.md), batching raised the tower's own throughput by only
-1.09x at 4 requests of 32 frames (its matrix products are already efficient at one request's
-frames) and lowered end-to-end throughput (requests finish in bursts), so the service's default
-is one request per pass (`EncoderSettings.batch_max_requests`).
+Batching gains little in the tower itself, whose matrix products are already efficient at one
+request's frames, and it costs end to end: the requests of a pass finish together and reach the
+LLM in bursts, and each waits for the whole pass. So the service's default is one request per
+pass (`EncoderSettings.batch_max_requests`); the measurements are in docs/bench/README.md.
 """
 
 from __future__ import annotations

@@ -4,9 +4,11 @@ Between EarlyTom's prune layers the frame count is fixed, so each run of layers 
 (first layer, end, frame bucket). Frames never interact inside a SigLIP layer (attention is within
 a frame), so a run pads its frames up to its bucket (`bucket_of`) with whatever its input buffer
 held before and drops them after: few graphs, each captured the first time its shape is needed.
-A compiled layer call costs about 1.2 ms of host time, close to its GPU time once Stage I has
-merged frames (about 1.1 ms at 22 frames of the 7B shape on an H200); a replay takes that host
-work off each request (the tower alone measured the same with and without, 47 ms at 32 frames).
+Once Stage I has merged frames, launching a compiled layer takes the host about as long as the
+GPU takes to run it, so the host would set the pace; a replay launches a whole run of layers at
+once and takes that host work off each request. The tower is not faster with graphs when the GPU
+is the bottleneck; what a replay saves is host time, which the other requests' decoding and
+preprocessing need (docs/bench/7b-h200-encoder-steps.md).
 
 The frames of a batch of requests (`VisionEncoder.encode_batch`) go through as one input: each
 request's part is copied into its rows. All graphs share one memory pool and one input and one

@@ -88,15 +88,17 @@ def _decode_segment(data: bytes, index: _Index, start: int, wanted: list[int]) -
     """Decode from the keyframe at presentation index `start` until every index in `wanted` is found.
 
     Frames no other frame refers to are skipped unless wanted (FFmpeg's skip_frame, set per
-    packet): the frames kept are bit for bit those of a full decode, for about two thirds of its
-    CPU time on the benchmark clip.
+    packet): the frames kept are bit for bit those of a full decode, for less CPU time, since
+    unreferenced frames that are not sampled are never reconstructed (the saving on the benchmark
+    clip is in docs/bench/7b-h200-encoder-steps.md).
     """
     found: dict[int, np.ndarray] = {}
     wanted_set = set(wanted)
     with _open(data) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        # at most 8 threads: FFmpeg's default (one per core) in each of 4 segments was ~7% slower on 16 cores
+        # at most 8 threads: segments decode in parallel, and FFmpeg's default of one thread per core
+        # in every segment oversubscribes the cores (docs/bench/7b-h200-encoder-steps.md)
         stream.thread_count = _DECODE_THREADS
         codec = stream.codec_context
         rank = {t: r for r, t in enumerate(index.pts)} if index.pts is not None else None

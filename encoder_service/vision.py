@@ -125,16 +125,18 @@ class VisionEncoder:
         self.pooled_grid = math.ceil(grid / 2)  # 14
         self.tokens_per_frame = self.pooled_grid**2  # 196
         self.hidden_size = self.config.text_config.hidden_size
-        # On CUDA the layers run compiled (fused norms, GELU and residual adds: the tower alone
-        # 62.5 -> 47 ms for 32 frames of the 7B shape on an H200), one compiled graph for every
-        # layer and frame count, compiled now on 1 and 2 frames so that no request waits for it;
-        # runs of layers between prune points then replay as CUDA graphs (tower_graphs.py).
+        # On CUDA the layers run compiled: torch.compile fuses the norms, GELU and residual adds that
+        # eager mode runs as separate kernels (the tower's times both ways are in
+        # docs/bench/7b-h200-encoder-steps.md). One compiled graph serves every layer and frame
+        # count; it is compiled now, on 1 and 2 frames, so that no request waits for it. Runs of
+        # layers between prune points then replay as CUDA graphs (tower_graphs.py).
         self.run_layer = _layer_forward
         self.run_importance = _importance
         self.graphs: TowerGraphs | None = None
         if self.device.type == "cuda":
             self.run_layer = torch.compile(_layer_forward, dynamic=True)
-            # the importance scores' float32 softmax chunks fused: 3.9 -> ? ms at 22 frames (7B shape, H200)
+            # compiled too, so that the chunked float32 softmax of the importance scores runs as fused
+            # kernels instead of one kernel per elementwise step
             self.run_importance = torch.compile(_importance, dynamic=True)
             for frames in (1, 2):
                 self._warm_up(frames)
@@ -162,7 +164,8 @@ class VisionEncoder:
         """2x2 bilinear pooling of the patch grid, as LLaVA-OneVision does for video frames."""
         frames, _, dim = features.shape  # [T, S, D]
         # [T, D, 27, 27] in channels-last memory: the same values as a contiguous grid (the kernels
-        # compute each output alike) without the copy, and on CUDA ~15x faster for this shape
+        # compute each output alike) without the copy, and on CUDA the channels-last kernel is far
+        # faster than the contiguous one for this shape (docs/bench/7b-h200-encoder-steps.md)
         grid = features.view(frames, self.grid, self.grid, dim).permute(0, 3, 1, 2)
         pooled = nn.functional.interpolate(grid, size=[self.pooled_grid, self.pooled_grid], mode="bilinear")
         return pooled.permute(0, 2, 3, 1).reshape(frames, -1, dim)  # [T, 196, D]
