@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llm_service.request import GenerationRequest
 from llm_service.runner import ModelRunner
 from llm_service.sampling import Sampler
 
@@ -48,7 +49,7 @@ class Failed:
 class Sequence:
     """One request while the batcher works on it; `events` carries First, ints, Ended or Failed."""
 
-    request: object  # engine.GenerationRequest
+    request: GenerationRequest
     ids: list[int]
     sampler: Sampler
     max_tokens: int
@@ -118,9 +119,8 @@ class Batcher:
             sequence.events.put(Failed(err))
             return
         now = time.perf_counter()
-        arrived = getattr(sequence.request, "arrived_at", sequence.submitted_at)
         sequence.generated, sequence.last = 1, token
-        sequence.events.put(First(token, queue_ms, (now - start) * 1e3, (now - arrived) * 1e3))
+        sequence.events.put(First(token, queue_ms, (now - start) * 1e3, (now - sequence.request.arrived_at) * 1e3))
         self._active.append(sequence)
 
     def _step(self) -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -21,12 +21,15 @@ from llm_service.batcher import Batcher, Ended, Failed, First, Sequence
 from llm_service.detokenizer import IncrementalDetokenizer
 from llm_service.model import LanguageModel
 from llm_service.prefix_cache import PrefixCache, PrefixKV
+from llm_service.request import GenerationRequest
 from llm_service.runner import ModelRunner, StageThree
-from llm_service.prompt import VIDEO, Message, PromptError, render
-from llm_service.sampling import Sampler, SamplingParams
+from llm_service.prompt import VIDEO, PromptError, render
+from llm_service.sampling import Sampler
 from videollm.checkpoint import check_model_dir, model_identity
 from videollm.flops import prefill_flops
-from videollm.settings import InnerCompressionSettings, LLMSettings
+from videollm.settings import LLMSettings
+
+__all__ = ["Delta", "Final", "GenerateRequestError", "GenerationRequest", "LLMEngine", "Overloaded", "StopMatcher"]
 
 
 class GenerateRequestError(ValueError):
@@ -35,21 +38,6 @@ class GenerateRequestError(ValueError):
 
 class Overloaded(RuntimeError):
     pass
-
-
-@dataclass
-class GenerationRequest:
-    messages: list[Message]
-    sampling: SamplingParams
-    visual: torch.Tensor | None = None  # [N, D] visual tokens, or None for a text-only chat
-    is_cancelled: Callable[[], bool] = lambda: False
-    arrived_at: float = field(default_factory=time.perf_counter)
-    receive_ms: float = 0.0
-    uncompressed_visual_tokens: int = 0  # what the video would cost without compression (FLOPs estimate)
-    inner: InnerCompressionSettings | None = None  # EarlyTom Stage III, or None
-    video_key: str = ""  # identity of the visual tokens; enables reuse of this prefix's KV cache
-    visual_count: int = 0  # rows of the visual tensor when it was not sent (the prefix is cached here)
-    prefix_entry: PrefixKV | None = None  # the cached prefix, held from the moment the tokens were declined
 
 
 @dataclass
