@@ -24,6 +24,13 @@ QWEN2 = {
 SHAPES = ("tiny", *QWEN2)
 
 
+def add_checkpoint_arguments(parser) -> None:
+    """--shape, --device and --checkpoint-dir, as the step benchmarks (bench.*_steps) take them."""
+    parser.add_argument("--shape", choices=SHAPES, default="7b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--checkpoint-dir", type=Path, default=Path("bench_out/ckpt"))
+
+
 def build_checkpoint(shape: str, out_dir: Path, device: str = "cpu") -> Path:
     """Write the checkpoint for `shape` to out_dir (kept if it is already there)."""
     from transformers import GenerationConfig, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration

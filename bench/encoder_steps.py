@@ -17,23 +17,12 @@ from pathlib import Path
 
 import torch
 
-from bench.checkpoint import SHAPES, build_checkpoint
+from bench.checkpoint import add_checkpoint_arguments, build_checkpoint
 from bench.timing import median_ms
 from bench.video import benchmark_clip
-from encoder_service.vision import _importance, _layer_forward
 
 PARTS = ("decode_ms", "preprocess_ms", "vision_ms", "stage1_ms", "importance_ms", "projector_ms", "stage2_ms",
          "total_ms")
-
-
-def _eager_layers(vision):
-    """The tower's layers as transformers runs them, uncompiled."""
-    def layers(hidden: torch.Tensor) -> torch.Tensor:
-        for layer in vision.tower.encoder.layers[: vision.layers_to_run]:
-            hidden = _layer_forward(layer, hidden)
-        return hidden
-
-    return layers
 
 
 @torch.inference_mode()
@@ -48,12 +37,12 @@ def _check_graphs(vision) -> None:
         replayed = graphs.run(0, depth, [hidden]).clone()
         graphs.inputs.fill_(1e4)
         poisoned = graphs.run(0, depth, [hidden]).clone()
-        plain = vision._call_layers(0, depth, hidden)
+        plain = vision.call_layers(0, depth, hidden)
         print(f"graphs, {frames} frames: after poisoned padding max abs difference "
               f"{(replayed - poisoned).abs().max().item():.3g}; against plain calls "
               f"{(replayed.float() - plain.float()).abs().max().item():.3g} (values up to {plain.abs().max().item():.3g})")
         compiled = vision.importance(vision.tower.encoder.layers[depth - 3], hidden)
-        eager = _importance(vision.tower.encoder.layers[depth - 3], hidden, vision.config.vision_config.num_attention_heads)
+        eager = vision.importance(vision.tower.encoder.layers[depth - 3], hidden, eager=True)
         print(f"importance, {frames} frames: compiled against eager max abs difference "
               f"{(compiled - eager).abs().max().item():.3g} (values up to {eager.abs().max().item():.3g}); "
               f"same top 10% per frame: {_same_top(compiled, eager):.3f}")
@@ -64,11 +53,11 @@ def _decode_rows(clip: bytes, frames: int, repeats: int) -> list[dict]:
     from encoder_service import video_decode
 
     limits = video_decode.VideoLimits(len(clip), 1e9, 1 << 40)
-    index = video_decode._scan(clip)
     rows = []
-    for start, wanted in video_decode._segments(index, video_decode.sample_indices(index.frames, frames)).items():
-        ms = median_ms(lambda: video_decode._decode_segment(clip, index, start, wanted), repeats)
-        rows.append({"decoded": f"segment from frame {start} alone ({len(wanted)} frames sampled)", "wall_ms": ms})
+    for segment in video_decode.keyframe_segments(clip, frames):
+        ms = median_ms(segment.decode, repeats)
+        rows.append({"decoded": f"segment from frame {segment.start} alone ({len(segment.wanted)} frames sampled)",
+                     "wall_ms": ms})
     cpu = []
 
     def served():
@@ -109,9 +98,7 @@ def _same_top(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.encoder_steps", description=__doc__)
-    parser.add_argument("--shape", choices=SHAPES, default="7b")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--checkpoint-dir", type=Path, default=Path("bench_out/ckpt"))
+    add_checkpoint_arguments(parser)
     parser.add_argument("--frames", default="32,64")
     parser.add_argument("--retain", default="1.0,0.1")
     parser.add_argument("--repeats", type=int, default=10)
@@ -146,9 +133,9 @@ def main(argv=None) -> int:
             "pixel_values_videos"][0].to(engine.vision.device, engine.vision.dtype)  # [T, 3, H, W]
         flops = encoder_flops(engine.vision.config.vision_config, 0, [frames] * engine.vision.layers_to_run, 0)
         vision = engine.vision
-        variants = {"as served": lambda hidden: vision._run_layers(0, vision.layers_to_run, [hidden]),
-                    "compiled, no graphs": lambda hidden: vision._call_layers(0, vision.layers_to_run, hidden),
-                    "eager": _eager_layers(vision)}
+        variants = {"as served": lambda hidden: vision.run_layers(0, vision.layers_to_run, [hidden]),
+                    "compiled, no graphs": lambda hidden: vision.call_layers(0, vision.layers_to_run, hidden),
+                    "eager": lambda hidden: vision.call_layers(0, vision.layers_to_run, hidden, eager=True)}
         outputs = {}
         for name, layers in variants.items():
             def tower_alone(name=name, layers=layers):  # the tower's layers alone, no compression
@@ -167,7 +154,7 @@ def main(argv=None) -> int:
     device = engine.vision.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.shape} encoder on {device} ({name}), torch {torch.__version__}, "
-          f"attention {engine.vision.tower.config._attn_implementation}, engine ready in {load_s:.1f} s")
+          f"attention {engine.vision.attention_implementation}, engine ready in {load_s:.1f} s")
     print("\n| frames | retain | merged | tokens | " + " | ".join(PARTS) + " |")
     print("|---" * (4 + len(PARTS)) + "|")
     for row in rows:

@@ -12,7 +12,7 @@ import bisect
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import av
 import numpy as np
@@ -128,6 +128,28 @@ def _segments(index: _Index, indices: list[int]) -> dict[int, list[int]]:
         start = index.keyframes[bisect.bisect_right(index.keyframes, wanted) - 1]
         segments.setdefault(start, []).append(wanted)
     return segments
+
+
+@dataclass(frozen=True)
+class KeyframeSegment:
+    """One keyframe's share of `decode_video`'s work: the sampled frames decoded from that keyframe."""
+
+    start: int  # presentation index of the keyframe
+    wanted: list[int]  # the sampled presentation indices decoded from it, in order
+    data: bytes = field(repr=False)
+    index: _Index = field(repr=False)
+
+    def decode(self) -> dict[int, np.ndarray]:
+        """This segment alone, as decode_video decodes it: presentation index -> [H, W, 3] uint8 RGB."""
+        return _decode_segment(self.data, self.index, self.start, self.wanted)
+
+
+def keyframe_segments(data: bytes, num_frames: int) -> list[KeyframeSegment]:
+    """The keyframe segments that decode_video decodes in parallel for `num_frames` sampled frames
+    (no limits are checked; the benchmark times each segment alone)."""
+    index = _scan(data)
+    segments = _segments(index, sample_indices(index.frames, num_frames))
+    return [KeyframeSegment(start, wanted, data, index) for start, wanted in segments.items()]
 
 
 def _decode_selected(data: bytes, index: _Index, indices: list[int]) -> dict[int, np.ndarray]:

@@ -140,7 +140,7 @@ class VisionEncoder:
             self.run_importance = torch.compile(_importance, dynamic=True)
             for frames in (1, 2):
                 self._warm_up(frames)
-            self.graphs = TowerGraphs(self._call_layers)
+            self.graphs = TowerGraphs(self.call_layers)
 
     @torch.inference_mode()
     def _warm_up(self, frames: int) -> None:
@@ -170,15 +170,23 @@ class VisionEncoder:
         pooled = nn.functional.interpolate(grid, size=[self.pooled_grid, self.pooled_grid], mode="bilinear")
         return pooled.permute(0, 2, 3, 1).reshape(frames, -1, dim)  # [T, 196, D]
 
-    def importance(self, layer, hidden: torch.Tensor) -> torch.Tensor:
+    @property
+    def attention_implementation(self) -> str:
+        """The attention kernel family the tower's layers use (transformers' choice: sdpa, eager, ...)."""
+        return self.tower.config._attn_implementation
+
+    def importance(self, layer, hidden: torch.Tensor, eager: bool = False) -> torch.Tensor:
         """hidden [T, S, D] entering `layer` -> [T, S] attention received per token (Stage II scores).
 
         Recomputes only this layer's queries and keys; the layer itself still runs through SDPA.
+        Compiled on CUDA; `eager` runs it uncompiled (the benchmark compares the two).
         """
-        return self.run_importance(layer, hidden, self.config.vision_config.num_attention_heads)
+        run = _importance if eager else self.run_importance
+        return run(layer, hidden, self.config.vision_config.num_attention_heads)
 
-    def _run_layers(self, first: int, end: int, parts: list[torch.Tensor]) -> torch.Tensor:
-        """Encoder layers first..end-1 on the frames of every part [T_i, S, D] -> [sum T_i, S, D].
+    def run_layers(self, first: int, end: int, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Encoder layers first..end-1 on the frames of every part [T_i, S, D] -> [sum T_i, S, D], as
+        a request runs them.
 
         On CUDA a graph replay, whose output stays valid until the next replay.
         """
@@ -188,12 +196,16 @@ class VisionEncoder:
             except RuntimeError as err:  # a capture this build of torch cannot do: run the layers as they are
                 log.warning("CUDA graphs of the vision tower are off: %s", err)
                 self.graphs = None
-        return self._call_layers(first, end, _joined(parts))
+        return self.call_layers(first, end, _joined(parts))
 
-    def _call_layers(self, first: int, end: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Encoder layers first..end-1 called one by one: hidden [T, S, D] -> [T, S, D]."""
+    def call_layers(self, first: int, end: int, hidden: torch.Tensor, eager: bool = False) -> torch.Tensor:
+        """Encoder layers first..end-1 called one by one, no graphs: hidden [T, S, D] -> [T, S, D].
+
+        Compiled on CUDA; `eager` calls transformers' layers as they are (the benchmark compares them).
+        """
+        run = _layer_forward if eager else self.run_layer
         for layer in self.tower.encoder.layers[first:end]:
-            hidden = self.run_layer(layer, hidden)
+            hidden = run(layer, hidden)
         return hidden
 
     def schedule(self, settings: CompressionSettings) -> LayerSchedule:
@@ -218,7 +230,7 @@ class VisionEncoder:
                 part = hidden.expand(frames, -1, -1)
                 for schedule in schedules:
                     for first, end in schedule.runs():
-                        self._run_layers(first, end, [part])
+                        self.run_layers(first, end, [part])
         count = len(self.graphs.graphs) if self.graphs is not None else 0
         log.info("captured %d graphs of the tower's layers in %.1f s", count, time.perf_counter() - started)
         return count
@@ -256,7 +268,7 @@ class VisionEncoder:
                 timings.importance_ms += (time.perf_counter() - mark) * 1e3
             for flow, count in zip(flows, live):
                 flow.layer_frames += [count] * (end - first)
-            parts = list(self._run_layers(first, end, parts).split(live))  # [T'_i, S, D]
+            parts = list(self.run_layers(first, end, parts).split(live))  # [T'_i, S, D]
             index = end - 1
             if index in schedule.prune:
                 mark = time.perf_counter()
