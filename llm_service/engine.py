@@ -2,10 +2,12 @@
 
 Knows nothing of gRPC. `generate` is a generator of events (text deltas, then one final event);
 the caller stops consuming it, or its `is_cancelled` turns true, and decoding stops at the next
-token. The batcher thread (llm_service/batcher.py) owns the model: it prefills each request into a
-slot of the static KV cache and decodes all admitted requests together; this module turns a
-request's tokens into text, applies stop strings and reports the timings. The time a request
-waits for a free slot is `queue_ms`.
+token. The batcher thread (llm_service/batcher.py) owns the model and every sequence's end: it
+prefills each request into a slot of the static KV cache, decodes all admitted requests together,
+turns their tokens into text (stop strings included) and decides when and why each ends. This
+module validates requests, prefills them (on the batcher's thread) and turns a sequence's events
+into deltas and the final event with the usage and timings. The time a request waits for a free
+slot is `queue_ms`.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llm_service.batcher import Batcher, Ended, Failed, First, Sequence
-from llm_service.detokenizer import IncrementalDetokenizer
+from llm_service.batcher import Batcher, Finished, FinishReason, Sequence, Started, Text
+from llm_service.detokenizer import TextOutput
 from llm_service.model import LanguageModel
 from llm_service.prefix_cache import PrefixCache, PrefixKV
 from llm_service.request import GenerationRequest
@@ -29,7 +31,7 @@ from videollm.checkpoint import check_model_dir, model_identity
 from videollm.flops import prefill_flops
 from videollm.settings import LLMSettings
 
-__all__ = ["Delta", "Final", "GenerateRequestError", "GenerationRequest", "LLMEngine", "Overloaded", "StopMatcher"]
+__all__ = ["Delta", "Final", "GenerateRequestError", "GenerationRequest", "LLMEngine", "Overloaded"]
 
 
 class GenerateRequestError(ValueError):
@@ -47,7 +49,7 @@ class Delta:
 
 @dataclass
 class Final:
-    finish_reason: str  # "stop" | "length" | "cancelled"
+    finish_reason: FinishReason  # as the batcher decided it
     prompt_tokens: int
     visual_tokens: int
     completion_tokens: int
@@ -59,35 +61,6 @@ class Final:
     receive_ms: float
     prefill_flops: float = 0.0
     prefill_flops_uncompressed: float = 0.0
-
-
-class StopMatcher:
-    """Holds back text that may be the start of a stop string; cuts the text at the first stop."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.text = ""
-        self.emitted = 0
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """Append piece; return (text safe to emit now, whether a stop string was hit)."""
-        self.text += piece
-        search_from = max(0, self.emitted - self.hold)
-        hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
-        if hits:
-            out = self.text[self.emitted : min(hits)]
-            self.emitted = len(self.text)
-            return out, True
-        safe_end = max(self.emitted, len(self.text) - self.hold)
-        out = self.text[self.emitted : safe_end]
-        self.emitted = safe_end
-        return out, False
-
-    def rest(self) -> str:
-        out = self.text[self.emitted :]
-        self.emitted = len(self.text)
-        return out
 
 
 def _ms_since(mark: float) -> float:
@@ -208,73 +181,50 @@ class LLMEngine:
         ids = self.prepare(request)
         if not self._admission.acquire(blocking=False):
             raise Overloaded(f"the LLM has {self.settings.max_concurrent} requests in flight; retry later")
-        sequence = Sequence(request, ids, Sampler(request.sampling, self.lm.device), request.sampling.max_tokens,
-                            frozenset(self.lm.eos_token_ids), request.is_cancelled)
+        sequence = Sequence(request, ids, Sampler(request.sampling, self.lm.device), frozenset(self.lm.eos_token_ids),
+                            TextOutput(self.lm.tokenizer, request.sampling.stop))
         try:
             self.batcher.submit(sequence)
             yield from self._stream(request, sequence)
-        finally:  # finished, stopped, cancelled or abandoned: the batcher frees its slot
-            sequence.done.set()
+        finally:  # ended, or the consumer stopped reading: then the batcher ends it and frees its slot
+            sequence.closed.set()
             with self._count_lock:
                 self.generations_completed += 1
             self._admission.release()
 
     def _stream(self, request: GenerationRequest, sequence: Sequence) -> Iterator[Delta | Final]:
-        lm, params = self.lm, request.sampling
-        detok = IncrementalDetokenizer(lm.tokenizer)
-        stops = StopMatcher(params.stop)
-        first = sequence.events.get()
-        if isinstance(first, Failed):
-            raise first.error
-        decode_start = time.perf_counter()
-        if isinstance(first, Ended):  # cancelled while waiting for a slot
-            first = First(0, _ms_since(request.arrived_at), 0.0, _ms_since(request.arrived_at))
-            completion, finish, stop_hit = 0, "cancelled", False
-        else:
-            completion, finish, stop_hit = 0, "length", False
-            token = first.token
-            while True:
-                completion += 1
-                if token in lm.eos_token_ids:
-                    finish = "stop"
-                    break
-                text, hit = stops.feed(detok.add(token))
-                if text:
-                    yield Delta(text)
-                if hit:
-                    finish, stop_hit = "stop", True
-                    break
-                if completion >= params.max_tokens:
-                    break
-                if request.is_cancelled():
-                    finish = "cancelled"
-                    break
-                event = sequence.events.get()
-                if isinstance(event, Failed):
-                    raise event.error
-                if isinstance(event, Ended):
-                    finish = "cancelled"
-                    break
-                token = event
-        if not stop_hit and finish != "cancelled":
-            tail, hit = stops.feed(detok.flush())
-            if not hit:
-                tail += stops.rest()
-            if tail:
-                yield Delta(tail)
+        """The sequence's events as deltas and the final event; the batcher decides when and why it ends."""
+        started, decode_start = None, time.perf_counter()
+        while True:
+            event = sequence.events.get()
+            if isinstance(event, Text):
+                if not request.is_cancelled():  # a cancelled request gets no more text; the batcher ends it
+                    yield Delta(event.text)
+            elif isinstance(event, Started):
+                started, decode_start = event, time.perf_counter()
+            elif isinstance(event, Finished):
+                finished = event
+                break
+            else:
+                raise event.error
+        if started is None:  # cancelled while waiting for a slot
+            waited = _ms_since(request.arrived_at)
+            started, decode_start = Started(waited, 0.0, waited), time.perf_counter()
         decode_ms = _ms_since(decode_start)
+        completion = finished.completion_tokens
+        lm = self.lm
         has_video = lm.video_token_id in sequence.ids
         visual_tokens = request.visual.shape[0] if request.visual is not None else request.visual_count
         text_tokens = len(sequence.ids) - has_video
         uncompressed = request.uncompressed_visual_tokens or visual_tokens
         yield Final(
-            finish_reason=finish,
+            finish_reason=finished.reason,
             prompt_tokens=text_tokens,
             visual_tokens=visual_tokens,
             completion_tokens=completion,
-            queue_ms=first.queue_ms,
-            prefill_ms=first.prefill_ms,
-            ttft_ms=first.ttft_ms,
+            queue_ms=started.queue_ms,
+            prefill_ms=started.prefill_ms,
+            ttft_ms=started.ttft_ms,
             decode_ms=decode_ms,
             decode_tokens_per_s=(completion - 1) / (decode_ms / 1e3) if completion > 1 and decode_ms > 0 else 0.0,
             receive_ms=request.receive_ms,

@@ -173,3 +173,51 @@ def test_a_failing_step_fails_its_requests_and_the_batcher_keeps_serving(endless
     wait_until_idle(engine)
     assert run(engine, request_for(engine, 0, 8))[0] == expected
     assert failures == [1]
+
+
+def test_the_batcher_ends_a_sequence_at_its_stop_string_without_waiting_for_the_consumer(endless):
+    """The stop string is found where the text is made, on the batcher's thread: the slot is given back
+    at once, while the consumer still holds its generator open."""
+    engine = endless
+    full = run(engine, request_for(engine, 0, 16))[0]
+    assert len(full) >= 12, full
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    request = request_for(engine, 0, 4000)
+    request.sampling = SamplingParams(max_tokens=4000, stop=(stop,))
+    events = engine.generate(request)
+    try:
+        received = []
+        for event in events:
+            received.append(event)
+            if isinstance(event, Final):
+                break  # the generator stays open: its consumer has not stopped reading
+        final = received[-1]
+        assert "".join(e.text for e in received[:-1]) == full[: full.find(stop)]
+        assert final.finish_reason == "stop" and final.completion_tokens < 16
+        wait_until_idle(engine, timeout_s=1.0)
+    finally:
+        events.close()
+
+
+def test_a_failing_detokenization_fails_its_request_and_the_batcher_keeps_serving(endless, monkeypatch):
+    """Text is made on the batcher's thread: a tokenizer error there ends that request with the error
+    (a stand-in raises it), not the batcher; the next request is served normally."""
+    from llm_service.detokenizer import TextOutput
+
+    engine = endless
+    expected = run(engine, request_for(engine, 0, 8))[0]
+    original = TextOutput.add
+    failures = []
+
+    def failing_once(self, token):
+        if not failures:
+            failures.append(token)
+            raise RuntimeError("the tokenizer failed")
+        return original(self, token)
+
+    monkeypatch.setattr(TextOutput, "add", failing_once)
+    with pytest.raises(RuntimeError, match="the tokenizer failed"):
+        run(engine, request_for(engine, 0, 8))
+    wait_until_idle(engine)
+    assert run(engine, request_for(engine, 0, 8))[0] == expected
+    assert len(failures) == 1

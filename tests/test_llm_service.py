@@ -11,8 +11,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from llm_service.detokenizer import IncrementalDetokenizer
-from llm_service.engine import Delta, Final, GenerationRequest, StopMatcher
+from llm_service.detokenizer import IncrementalDetokenizer, StopMatcher
+from llm_service.engine import Delta, Final, GenerationRequest
 from llm_service.prompt import VIDEO, Message
 from llm_service.sampling import SamplingParams
 from protos.videollm.v1 import llm_pb2, llm_pb2_grpc, tensor_pb2
