@@ -19,7 +19,7 @@ from encoder_service.video_decode import DecodedVideo, VideoLimits, decode_video
 from encoder_service.vision import CompressionTrace, EncodeTimings, VisionEncoder, VisionOutput
 from videollm.checkpoint import check_model_dir, model_identity
 from videollm.flops import encoder_flops
-from videollm.settings import CompressionSettings, EncoderSettings
+from videollm.settings import CompressionSettings, EncoderSettings, frames_to_sample
 
 
 class EncodeRequestError(ValueError):
@@ -63,10 +63,10 @@ class EncoderEngine:
         self.encodes_completed = 0
 
     def resolve_frames(self, num_frames: int) -> int:
-        frames = num_frames or self.settings.default_frames
-        if frames > self.settings.max_frames:
-            raise EncodeRequestError(f"num_frames must be at most {self.settings.max_frames}, got {frames}")
-        return frames
+        try:
+            return frames_to_sample(num_frames, self.settings.default_frames, self.settings.max_frames)
+        except ValueError as err:
+            raise EncodeRequestError(str(err)) from err
 
     def encode(self, video: bytes, num_frames: int = 0, compression: CompressionSettings | None = None) -> EncodeResult:
         """compression None means the server's default settings."""

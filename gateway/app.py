@@ -31,8 +31,8 @@ from gateway.pipeline import ChatRequest, Outcome, Pipeline, VideoRequest
 from gateway.schemas import ChatCompletionRequest, TextPart, VideoPart
 from gateway.videos import VIDEO_ID, UploadStore, Video, decode_data_url, probe_video, too_large
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, llm_pb2
-from videollm.proto_mapping import compression_from_proto, inner_to_proto
-from videollm.settings import CompressionSettings, GatewaySettings, public_settings
+from videollm.proto_mapping import compression_from_proto, describe_errors, inner_to_proto
+from videollm.settings import CompressionSettings, GatewaySettings, MiB, public_settings
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,11 @@ class Runtime:
     def start(self, settings: GatewaySettings) -> None:
         self.store = RedisStore(settings.redis_url)
         self.uploads = UploadStore(self.store, settings.upload_ttl_s)
-        grpc_message_bytes = settings.max_upload_bytes + (1 << 20)
+        grpc_message_bytes = settings.max_upload_bytes + MiB
         tls = ReplicaPool.credentials(settings.grpc_tls_ca, settings.grpc_tls_cert, settings.grpc_tls_key)
         self.encoders = ReplicaPool.connect("encoder", settings.encoders, encoder_pb2_grpc.EncoderStub,
                                             grpc_message_bytes, tls)
-        self.llms = ReplicaPool.connect("llm", settings.llms, llm_stub, 16 << 20, tls)
+        self.llms = ReplicaPool.connect("llm", settings.llms, llm_stub, 16 * MiB, tls)
         cache = TokenCache(self.store, settings.cache_ttl_s, settings.cache_max_entry_bytes)
         self.pipeline = Pipeline(settings, self.encoders, self.llms, cache)
 
@@ -58,6 +58,13 @@ class Runtime:
         await self.encoders.close()
         await self.llms.close()
         await self.store.close()
+
+
+COMPRESSION = ("videollm", "compression")  # where REST's compression settings sit in a chat body
+
+
+def _body_path(error: dict) -> tuple:
+    return tuple(p for p in error.get("loc", ()) if p != "body")
 
 
 def compression_settings_dict(message) -> dict:
@@ -99,10 +106,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError):
-        first = err.errors()[0] if err.errors() else {"msg": "invalid request", "loc": ()}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        errors = err.errors()
+        first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
+        path = _body_path(first)
+        where = ".".join(str(p) for p in path)
         if not where and first.get("type") == "missing":
             message = "the request body is missing: send a JSON object"
+        elif path[:2] == COMPRESSION and len(path) > 2:  # a compression setting: state its range, as the encoder does
+            under = [{**e, "loc": _body_path(e)[2:]} for e in errors if _body_path(e)[:2] == COMPRESSION]
+            message = describe_errors([e for e in under if e["loc"]], ".".join(COMPRESSION))
         else:
             message = f"{where}: {first['msg']}" if where else first["msg"]
         return await api_error(request, bad_request(message, where or None))

@@ -20,7 +20,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.videollm.v1 import llm_pb2, llm_pb2_grpc
 from videollm import wire
 
-MiB = 1 << 20
 UNAVAILABLE_BACKOFF_S = 2.0
 
 

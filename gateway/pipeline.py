@@ -30,7 +30,7 @@ from videollm.proto_mapping import (
     describe_validation_error,
     error_path,
 )
-from videollm.settings import CompressionSettings, GatewaySettings
+from videollm.settings import CompressionSettings, GatewaySettings, frames_to_sample
 from videollm import wire
 from videollm.wire import CHUNK_BYTES
 
@@ -220,13 +220,13 @@ class Pipeline:
     async def resolve(self, request: VideoRequest) -> tuple[int, CompressionSettings]:
         """The request's frame count and compression settings, with the encoder's defaults filled in."""
         info = await self.encoder_info()
-        frames = request.num_frames or info.default_frames
-        limit = min(self.settings.max_frames, info.max_frames)
-        if frames > limit:
-            raise bad_request(f"num_frames must be at most {limit}, got {frames}", "videollm.num_frames")
+        try:
+            frames = frames_to_sample(request.num_frames, info.default_frames, info.max_frames)
+        except ValueError as err:
+            raise bad_request(str(err), "videollm.num_frames") from err
         defaults = compression_from_proto(info.default_compression, CompressionSettings())
         try:
-            compression = CompressionSettings.model_validate({**defaults.model_dump(), **request.compression})
+            compression = defaults.overridden(request.compression)
         except ValidationError as err:
             raise bad_request(describe_validation_error(err, "videollm.compression"),
                               error_path(err, "videollm.compression")) from err

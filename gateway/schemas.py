@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic.fields import FieldInfo
 
-from videollm.settings import InnerCompressionSettings
-
-
+from videollm.settings import CompressionSettings, InnerCompressionSettings
 
 UINT32_MAX = 2**32 - 1  # integers that travel as uint32 on the gRPC hops; larger ones are a 400 here
+
 
 class TextPart(BaseModel):
     type: Literal["text"]
@@ -38,24 +38,29 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompressionOverrides(BaseModel):
-    """Overrides of the encoder's compression defaults; limits are checked on the merged settings
-    (see videollm.settings.CompressionSettings for every field's meaning, range and default)."""
-
+class _Overrides(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["none", "earlytom"] | None = None
-    retain_ratio: float | None = None
-    tau: float | None = None
-    max_window: int | None = None
-    ema: float | None = None
-    prune_layers: list[int] | None = None
-    d: float | None = None
-    k: int | None = None
-    beta: float | None = None
-
     def encoder_fields(self) -> dict:
+        """The fields the request gives."""
         return self.model_dump(exclude_none=True)
+
+
+def overrides_of(settings: type[BaseModel], doc: str) -> type[_Overrides]:
+    """`settings` with every field optional (None: the default in effect) but with its type, bounds
+    and description, so that a new setting reaches REST and the OpenAPI schema by itself. A field's
+    own validator (prune_layers' layer range) runs on the merged settings (CompressionSettings.overridden)."""
+    fields = {name: (field.annotation | None, FieldInfo.merge_field_infos(field, default=None))
+              for name, field in settings.model_fields.items()}
+    name = settings.__name__.removesuffix("Settings") + "Overrides"
+    return create_model(name, __base__=_Overrides, __doc__=doc, __module__=__name__, **fields)
+
+
+CompressionOverrides = overrides_of(
+    CompressionSettings,
+    "Overrides of the encoder's compression defaults, each within its range; a field left out keeps the "
+    "encoder's default (videollm.settings.CompressionSettings describes every field's meaning, range and default).",
+)
 
 
 class VideoOptions(BaseModel):

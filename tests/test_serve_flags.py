@@ -31,13 +31,13 @@ def non_default_values(tiny_model_dir: Path, redis_url: str, shm_dir: Path) -> d
         # gateway
         "host": "127.0.0.2", "port": free_port(), "model_name": "my-video-model", "api_keys": ["key-one"],
         "redis_url": redis_url, "cache_ttl_s": 1234, "cache_max_entry_bytes": 12_345_678, "upload_ttl_s": 4321,
-        "max_upload_bytes": 5_000_000, "max_frames": 24, "request_timeout_s": 123.0, "max_in_flight": 7,
+        "max_upload_bytes": 5_000_000, "request_timeout_s": 123.0, "max_in_flight": 7,
         "direct_pull": False, "fetch_urls": True, "fetch_timeout_s": 12.0, "fetch_allow": ["10.1.2.0/24"],
         # encoder and LLM
         "model": str(tiny_model_dir), "device": "cpu:0", "dtype": "float32", "max_concurrent": 5,
         "pull_shm_dir": str(shm_dir),
         # encoder
-        "default_frames": 6, "batch_max_requests": 2, "batch_max_frames": 48, "max_video_bytes": 4_000_000,
+        "default_frames": 6, "max_frames": 24, "batch_max_requests": 2, "batch_max_frames": 48, "max_video_bytes": 4_000_000,
         "max_duration_s": 600.0, "max_frame_pixels": 1920 * 1080, "pull_buffer_bytes": 64 << 20, "pull_ttl_s": 10.0,
         "compression__method": "none", "compression__retain_ratio": 0.3, "compression__tau": 0.4,
         "compression__max_window": 5, "compression__ema": 0.8, "compression__prune_layers": [4, 12],
@@ -46,6 +46,11 @@ def non_default_values(tiny_model_dir: Path, redis_url: str, shm_dir: Path) -> d
         "decode_slots": 3, "default_max_tokens": 9, "max_tokens_limit": 100, "max_context_tokens": 4096,
         "max_visual_bytes": 64 << 20, "prefix_cache_entries": 2, "pull_timeout_s": 3.0,
     }
+
+
+# the settings that several services own: each of them gets the flag's value
+SHARED = {"model": ("encoder", "llm"), "device": ("encoder", "llm"), "dtype": ("encoder", "llm"),
+          "max_concurrent": ("encoder", "llm"), "pull_shm_dir": ("encoder", "llm")}
 
 
 def as_argv(flag, value) -> list[str]:
@@ -70,6 +75,13 @@ def test_every_serve_flag_is_covered_and_differs_from_its_default(tiny_model_dir
     for flag in flags:
         assert values[flag.dest] != flag.field.default, flag.dest
         build_parser().parse_args(["serve", *as_argv(flag, values[flag.dest])])  # each one parses
+
+
+def test_each_setting_has_one_owner_but_the_shared_ones():
+    owners = {flag.dest: flag.owners for flag in serve_flags()}
+    assert {dest: owner for dest, owner in owners.items() if len(owner) > 1} == SHARED
+    assert owners["max_frames"] == ("encoder",)  # the gateway checks the encoder's limit (its Info)
+    assert owners["default_frames"] == ("encoder",)
 
 
 def test_serve_passes_every_flag_to_the_services_that_own_it(tiny_model_dir, redis_server, tmp_path):

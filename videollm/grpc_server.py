@@ -11,9 +11,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-log = logging.getLogger(__name__)
+from videollm.settings import MiB
 
-MiB = 1 << 20
+log = logging.getLogger(__name__)
 
 
 def make_server(max_workers: int, max_message_bytes: int) -> tuple[grpc.Server, health.HealthServicer]:

@@ -7,7 +7,12 @@ from pydantic import ValidationError
 from protos.videollm.v1 import encoder_pb2, llm_pb2
 from videollm.settings import CompressionSettings, InnerCompressionSettings
 
-_SCALARS = ("retain_ratio", "tau", "max_window", "ema", "d", "k", "beta")
+_PROTO_FIELDS = encoder_pb2.Compression.DESCRIPTOR.fields_by_name
+# the optional scalars (retain_ratio, tau, ...), read from the settings and the message, so that a new
+# setting needs only its proto field; method (empty = the defaults) and prune_layers (a LayerList,
+# whose presence tells an empty list from the default) are spelled out below
+_SCALARS = tuple(name for name, field in _PROTO_FIELDS.items()
+                 if name in CompressionSettings.model_fields and field.has_presence and field.message_type is None)
 
 
 def compression_to_proto(settings: CompressionSettings) -> encoder_pb2.Compression:
@@ -18,20 +23,24 @@ def compression_to_proto(settings: CompressionSettings) -> encoder_pb2.Compressi
     )
 
 
+def compression_overrides(message: encoder_pb2.Compression) -> dict:
+    """The settings the message sets, by name; none when its method is empty (= the defaults)."""
+    if not message.method:
+        return {}
+    values = {"method": message.method}
+    values.update({name: getattr(message, name) for name in _SCALARS if message.HasField(name)})
+    if message.HasField("prune_layers"):
+        values["prune_layers"] = list(message.prune_layers.layers)
+    return values
+
+
 def compression_from_proto(message: encoder_pb2.Compression, defaults: CompressionSettings) -> CompressionSettings:
     """Fields the message sets override the defaults; an empty method means the defaults.
 
     Raises ValueError with a readable message when a value is out of range.
     """
-    if not message.method:
-        return defaults
-    values = defaults.model_dump()
-    values["method"] = message.method
-    values.update({name: getattr(message, name) for name in _SCALARS if message.HasField(name)})
-    if message.HasField("prune_layers"):
-        values["prune_layers"] = list(message.prune_layers.layers)
     try:
-        return CompressionSettings.model_validate(values)
+        return defaults.overridden(compression_overrides(message))
     except ValidationError as err:
         raise ValueError(describe_validation_error(err, "compression")) from err
 
@@ -77,14 +86,20 @@ def error_path(err: ValidationError, prefix: str) -> str:
     return ".".join(str(p) for p in (prefix, *first["loc"]))
 
 
-def describe_validation_error(err: ValidationError, prefix: str, model: type = CompressionSettings) -> str:
+def describe_errors(errors: list[dict], prefix: str, model: type = CompressionSettings) -> str:
+    """pydantic's errors (locations relative to `model`) as one message that states each field's range."""
     parts = []
-    for error in err.errors():
+    for error in errors:
         where = ".".join(str(p) for p in (prefix, *error["loc"]))
         got = error.get("input")
         bounds = allowed_range(model, str(error["loc"][0])) if error["loc"] else None
         message = f"{where} must be in {bounds}" if bounds and error["type"].endswith(("than", "equal")) else (
             f"{where}: {error['msg']}")
-        echo = not isinstance(got, dict) and error["type"] != "value_error"  # value errors quote it already
+        # the input, unless it is an object or the message quotes it already (our value errors, some of pydantic's)
+        echo = not isinstance(got, dict) and error["type"] != "value_error" and "got" not in error["msg"]
         parts.append(message + (f", got {got!r}" if echo else ""))
     return "; ".join(parts)
+
+
+def describe_validation_error(err: ValidationError, prefix: str, model: type = CompressionSettings) -> str:
+    return describe_errors(err.errors(), prefix, model)

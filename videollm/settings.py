@@ -80,6 +80,12 @@ class CompressionSettings(BaseModel):
         """What the tokens depend on: every field for EarlyTom, only the method for "none"."""
         return self.model_dump() if self.method == "earlytom" else {"method": "none"}
 
+    def overridden(self, overrides: dict) -> CompressionSettings:
+        """These settings with the fields `overrides` names replaced, validated as a whole: the one
+        place where a request's settings meet the defaults (in the gateway and in the encoder).
+        Raises pydantic's ValidationError when a value is out of range."""
+        return type(self).model_validate({**self.model_dump(), **overrides})
+
 
 class InnerCompressionSettings(BaseModel):
     """EarlyTom Stage III inside the LLM, asked for per request (off unless given).
@@ -166,6 +172,16 @@ class EncoderSettings(_ServiceSettings):
         return self
 
 
+def frames_to_sample(num_frames: int | None, default_frames: int, max_frames: int) -> int:
+    """A request's frame count (0 or None: the default), checked against the limit: the one check of
+    EncoderSettings' frame limit, in the gateway (before the encode) and in the encoder. Raises
+    ValueError beyond the limit."""
+    frames = num_frames or default_frames
+    if frames > max_frames:
+        raise ValueError(f"num_frames must be at most {max_frames}, got {frames}")
+    return frames
+
+
 class LLMSettings(_ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="VIDEOLLM_LLM_", extra="ignore")
 
@@ -214,7 +230,6 @@ class GatewaySettings(BaseSettings):
     cache_max_entry_bytes: int = Field(512 * MiB, ge=0, description="larger encodings are not cached")
     upload_ttl_s: int = Field(24 * 3600, ge=1, description="lifetime of an uploaded video")
     max_upload_bytes: int = Field(256 * MiB, ge=1, description="largest video accepted, uploaded or inline")
-    max_frames: int = Field(64, ge=1, description="largest num_frames a request may ask for")
     request_timeout_s: float = Field(600.0, gt=0, description="deadline of one request downstream")
     max_in_flight: int = Field(256, ge=1, description="chat completions in progress; more get 429")
     grpc_tls_ca: Path | None = Field(None, description="PEM CA bundle: reach encoders and LLMs over TLS")
