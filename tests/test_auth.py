@@ -13,7 +13,8 @@ import pytest
 
 from conftest import GatewayServer, gateway_settings
 from helpers import data_url, video_chat
-from videollm.cli import build_parser, gateway_settings as cli_gateway_settings
+from videollm.cli import build_parser, service_settings
+from videollm.flags import given_values, serve_flags
 from videollm.settings import GatewaySettings
 from videos import make_video
 
@@ -202,17 +203,21 @@ def test_keys_come_from_the_environment_comma_separated_or_json(monkeypatch):
     assert GatewaySettings().api_keys == []
 
 
+def gateway_command_settings(args) -> GatewaySettings:
+    """What `videollm gateway` (videollm/cli.py) makes of its flags."""
+    return service_settings("gateway", args)
+
+
 def serve_settings(args) -> GatewaySettings:
     """What `videollm serve` (videollm/stack.py) makes of its flags."""
-    fields = GatewaySettings.model_fields
-    return GatewaySettings(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    return GatewaySettings(**given_values(args, serve_flags(), owner="gateway"))
 
 
-@pytest.mark.parametrize("command, to_settings", [("gateway", cli_gateway_settings), ("serve", serve_settings)])
+@pytest.mark.parametrize("command, to_settings", [("gateway", gateway_command_settings), ("serve", serve_settings)])
 def test_the_api_keys_flag(command, to_settings, monkeypatch):
     monkeypatch.setenv("VIDEOLLM_GATEWAY_API_KEYS", "from-env")
     args = build_parser().parse_args([command, "--api-keys", "k1,k2"])
-    assert args.api_keys == "k1,k2"
+    assert args.api_keys == ["k1", "k2"]  # list flags are split as they are parsed (videollm/flags.py)
     assert to_settings(args).api_keys == ["k1", "k2"]  # the flag wins over the environment
     assert to_settings(build_parser().parse_args([command])).api_keys == ["from-env"]
 
