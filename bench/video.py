@@ -1,6 +1,8 @@
-"""The benchmark clip: deterministic, with camera motion, moving objects and hard scene cuts.
+"""Video clips made with PyAV (no ffmpeg binary needed): `encode` for any frames, a small moving
+pattern (`moving_frames`, the load test's and the tests' clips), and the benchmark clip.
 
-Stage I's savings depend on content, so the clip is neither noise nor a still: four scenes of six
+The benchmark clip is deterministic, with camera motion, moving objects and hard scene cuts:
+Stage I's savings depend on content, so it is neither noise nor a still. Four scenes of six
 seconds (a pan over a gradient landscape, objects crossing a room, a zoom, a busy street of
 rectangles), 640x360 at 24 fps, H.264.
 """
@@ -8,11 +10,65 @@ rectangles), 640x360 at 24 fps, H.264.
 from __future__ import annotations
 
 import io
+import itertools
+from collections.abc import Iterable
 
 import av
 import numpy as np
 
+CONTAINERS = {  # format -> (container format, codec, pixel format)
+    "mp4": ("mp4", "libx264", "yuv420p"),
+    "mp4-lossless": ("mp4", "libx264", "yuv444p"),  # with qp 0: decodes to exactly the frames given
+    "webm": ("webm", "libvpx", "yuv420p"),
+    "mov": ("mov", "libx264", "yuv420p"),
+    "avi": ("avi", "mpeg4", "yuv420p"),
+}
 WIDTH, HEIGHT, FPS, SCENE_SECONDS = 640, 360, 24, 6
+
+
+def encode(frames: np.ndarray | Iterable[np.ndarray], fmt: str = "mp4", fps: int = 24,
+           options: dict[str, str] | None = None) -> bytes:
+    """Frames [H, W, 3] uint8 RGB (an array [T, H, W, 3] or any iterable of frames) -> the video's bytes.
+
+    options: the encoder's (GOP length, B-frames, preset, ...); "mp4-lossless" sets qp 0 itself.
+    """
+    container_format, codec, pix_fmt = CONTAINERS[fmt]
+    if fmt == "mp4-lossless":
+        options = {"qp": "0", **(options or {})}
+    if isinstance(frames, np.ndarray):
+        height, width = frames.shape[1], frames.shape[2]
+    else:  # the size from the first frame, without holding every frame at once
+        frames = iter(frames)
+        first = next(frames)
+        height, width = first.shape[0], first.shape[1]
+        frames = itertools.chain([first], frames)
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=fps, options=options)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = pix_fmt
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def moving_frames(n: int, width: int = 160, height: int = 120, seed: int = 0) -> np.ndarray:
+    """[n, H, W, 3] uint8: a gradient background with a square that moves (deterministic; every seed
+    gives other colours)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, size=3)
+    ys, xs = np.mgrid[0:height, 0:width]
+    frames = np.empty((n, height, width, 3), dtype=np.uint8)
+    for i in range(n):
+        frame = np.stack([(xs + 3 * i + base[0]) % 256, (ys + 2 * i + base[1]) % 256,
+                          np.full_like(xs, (base[2] + 5 * i) % 256)], axis=-1)
+        x0, y0 = (7 * i) % (width - 24), (5 * i) % (height - 24)
+        frame[y0 : y0 + 24, x0 : x0 + 24] = 255
+        frames[i] = frame
+    return frames
 
 
 def _scene(index: int, t: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -45,19 +101,8 @@ def _scene(index: int, t: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
 
 def benchmark_clip() -> bytes:
     ys, xs = np.mgrid[0:HEIGHT, 0:WIDTH]
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        stream.options = {"preset": "veryfast", "crf": "23"}
-        for scene in range(4):
-            for t in range(SCENE_SECONDS * FPS):
-                frame = av.VideoFrame.from_ndarray(_scene(scene, t, ys, xs), format="rgb24")
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
+    frames = (_scene(scene, t, ys, xs) for scene in range(4) for t in range(SCENE_SECONDS * FPS))
+    return encode(frames, "mp4", FPS, {"preset": "veryfast", "crf": "23"})
 
 
 def variant(clip: bytes, index: int) -> bytes:

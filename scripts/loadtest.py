@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import io
 import json
 import math
 import os
@@ -44,6 +43,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.video import encode, moving_frames
+
 KINDS = ("hit", "miss", "text")
 QUESTIONS = ("What happens in this video?", "Describe the moving square.", "What colours do you see?",
              "Is anything moving?")
@@ -55,26 +56,7 @@ TEXT_QUESTIONS = ("Name three colours.", "Say hello.", "What is a video?", "Coun
 
 def make_video(seed: int, frames: int = 16, width: int = 160, height: int = 120, fps: int = 8) -> bytes:
     """A small H.264 clip: a gradient with a moving square; every seed gives different bytes."""
-    import av
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, size=3)
-    ys, xs = np.mgrid[0:height, 0:width]
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(frames):
-            frame = np.stack([(xs + 3 * i + base[0]) % 256, (ys + 2 * i + base[1]) % 256,
-                              np.full_like(xs, (base[2] + 5 * i) % 256)], axis=-1).astype(np.uint8)
-            x0, y0 = (7 * i) % (width - 24), (5 * i) % (height - 24)
-            frame[y0 : y0 + 24, x0 : x0 + 24] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
+    return encode(moving_frames(frames, width, height, seed), "mp4", fps)
 
 
 def data_url(video: bytes) -> str:
