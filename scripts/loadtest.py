@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
-import math
 import os
 import signal
 import socket
@@ -43,6 +41,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.client import Sample, completion_body, data_url, percentile, run_clients, video_content
 from bench.video import encode, moving_frames
 
 KINDS = ("hit", "miss", "text")
@@ -59,10 +58,6 @@ def make_video(seed: int, frames: int = 16, width: int = 160, height: int = 120,
     return encode(moving_frames(frames, width, height, seed), "mp4", fps)
 
 
-def data_url(video: bytes) -> str:
-    return "data:video/mp4;base64," + base64.b64encode(video).decode()
-
-
 # -- requests -------------------------------------------------------------------------------------
 
 
@@ -72,33 +67,13 @@ class Planned:
     body: dict
 
 
-@dataclass
-class Sample:
-    kind: str
-    ok: bool
-    ttft_ms: float | None = None
-    total_ms: float | None = None
-    cache: str | None = None  # the x-videollm-cache header
-    rejected_429: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
-
-
 def chat_body(args, content, stream: bool = True) -> dict:
-    return {
-        "model": args.model_name,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": args.max_tokens,
-        "stream": stream,
-        **({"stream_options": {"include_usage": True}} if stream else {}),
-    }
+    return completion_body(content, args.max_tokens, model=args.model_name, stream=stream)
 
 
 def video_body(args, url: str, question: str, stream: bool = True) -> dict:
-    body = chat_body(args, [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": question}],
-                     stream)
-    body["videollm"] = {"num_frames": args.num_frames}
-    return body
+    return completion_body(video_content(url, question), args.max_tokens, model=args.model_name, stream=stream,
+                           videollm={"num_frames": args.num_frames})
 
 
 def parse_mix(text: str) -> list[str]:
@@ -139,64 +114,6 @@ def plan_level(args, level: int, hit_urls: list[str], seeds) -> list[Planned]:
     return planned
 
 
-async def stream_once(client: httpx.AsyncClient, url: str, planned: Planned, max_retries: int) -> Sample:
-    sample = Sample(planned.kind, ok=False)
-    start = time.perf_counter()
-    try:
-        for attempt in range(max_retries + 1):
-            async with client.stream("POST", f"{url}/v1/chat/completions", json=planned.body) as response:
-                if response.status_code == 429 and attempt < max_retries:
-                    sample.rejected_429 += 1
-                    await response.aread()
-                    await asyncio.sleep(float(response.headers.get("retry-after") or 1))
-                    continue
-                if response.status_code != 200:
-                    text = (await response.aread()).decode(errors="replace")
-                    if response.status_code == 429:
-                        sample.rejected_429 += 1
-                    sample.error = f"HTTP {response.status_code}: {text[:200]}"
-                    return sample
-                sample.cache = response.headers.get("x-videollm-cache")
-                done = False
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[len("data: "):]
-                    if data == "[DONE]":
-                        done = True
-                        continue
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        sample.error = f"stream error: {json.dumps(chunk['error'])[:200]}"
-                        return sample
-                    for choice in chunk.get("choices") or []:
-                        if choice.get("delta", {}).get("content") and sample.ttft_ms is None:
-                            sample.ttft_ms = (time.perf_counter() - start) * 1e3
-                    if chunk.get("usage"):
-                        sample.completion_tokens = chunk["usage"]["completion_tokens"]
-                if not done:
-                    sample.error = "the stream ended without [DONE]"
-                    return sample
-                sample.total_ms = (time.perf_counter() - start) * 1e3
-                if sample.ttft_ms is None:  # an empty answer: the first token was the end
-                    sample.ttft_ms = sample.total_ms
-                sample.ok = True
-                return sample
-    except (httpx.HTTPError, json.JSONDecodeError, OSError) as err:
-        sample.error = f"{type(err).__name__}: {err}"[:200]
-    return sample
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between the closest ranks (numpy's default); None without values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low, high = math.floor(position), math.ceil(position)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 @dataclass
 class LevelResult:
     clients: int
@@ -218,32 +135,22 @@ class LevelResult:
 
 
 async def run_level(args, url: str, clients: int, planned: list[Planned]) -> LevelResult:
-    queue = list(reversed(planned))
-    samples: list[Sample] = []
-    started_at = time.perf_counter()
-    deadline = started_at + args.time_limit
-
-    async def client_loop(client: httpx.AsyncClient) -> None:
-        while queue and time.perf_counter() < deadline:
-            samples.append(await stream_once(client, url, queue.pop(), args.max_retries))
-
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     timeout = httpx.Timeout(args.request_timeout, connect=10.0)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
-    seconds = time.perf_counter() - started_at
-
+    results, seconds = await run_clients(url, [p.body for p in planned], clients, timeout=timeout,
+                                         deadline=time.perf_counter() + args.time_limit, max_retries=args.max_retries)
+    sent: list[tuple[str, Sample]] = [(p.kind, s) for p, s in zip(planned, results) if s is not None]
+    samples = [s for _, s in sent]
     ok = [s for s in samples if s.ok]
     result = LevelResult(clients=clients, requests=len(planned), completed=len(ok),
-                         errors=len(samples) - len(ok), skipped=len(queue), seconds=round(seconds, 3))
+                         errors=len(samples) - len(ok), skipped=len(planned) - len(samples), seconds=round(seconds, 3))
     result.rejected_429 = sum(s.rejected_429 for s in samples)
     result.rps = round(len(ok) / seconds, 3) if seconds > 0 else 0.0
     for name, values in (("ttft", [s.ttft_ms for s in ok]), ("total", [s.total_ms for s in ok])):
         for q in (50, 99):
-            value = percentile(values, q)
-            setattr(result, f"{name}_p{q}_ms", None if value is None else round(value, 1))
-    for s in samples:
-        result.kinds[s.kind] = result.kinds.get(s.kind, 0) + 1
+            value = round(percentile(values, q, interpolate=True), 1) if values else None
+            setattr(result, f"{name}_p{q}_ms", value)
+    for kind, s in sent:
+        result.kinds[kind] = result.kinds.get(kind, 0) + 1
         if s.ok:
             result.cache[s.cache or "?"] = result.cache.get(s.cache or "?", 0) + 1
     result.completion_tokens = sum(s.completion_tokens for s in ok)
