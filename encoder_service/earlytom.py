@@ -1,4 +1,5 @@
-"""EarlyTom token compression as pure tensor functions (Wang et al., CVPR 2026; restated in the README).
+"""EarlyTom token compression as pure tensor functions (Wang et al., CVPR 2026; the method step by step,
+with every rule these functions follow, in docs/earlytom.md).
 
 Stage I (frame merging between encoder layers):
   `normalize_frames` -> `segment_frames` -> `plan_fusion` -> `fuse`

@@ -1,6 +1,6 @@
 """An independent restatement of EarlyTom for the tests, in plain float64 written straight from the
-method's rules (the README's "EarlyTom compression" section), and the machinery that recomputes
-what the encoder should have done from hidden states captured with hooks on the SigLIP layers.
+method's rules (docs/earlytom.md), and the machinery that recomputes what the encoder should have
+done from hidden states captured with hooks on the SigLIP layers.
 
 Nothing here calls encoder_service.earlytom, so a drift of either side shows up as a mismatch.
 Used by test_earlytom.py (the encoder in process) and test_earlytom_rest.py (the REST answer).

@@ -59,7 +59,7 @@ def token_keys(redis_client) -> list[bytes]:
 
 
 def token_bound(retain_ratio: float, frames: int, frames_after_merge: int) -> int:
-    """EARLYTOM.md's invariant: at most ceil(r*T*196) + T' + 1 visual tokens (per-frame rounding, newline)."""
+    """docs/earlytom.md's invariant: at most ceil(r*T*196) + T' + 1 visual tokens (per-frame rounding, newline)."""
     return math.ceil(retain_ratio * frames * GRID) + frames_after_merge + 1
 
 
