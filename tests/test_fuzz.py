@@ -24,7 +24,7 @@ from schemathesis.checks import not_a_server_error
 MAX_EXAMPLES = 25  # per operation and generation mode
 CALL_TIMEOUT_S = 120
 OPERATIONS = {"POST /v1/chat/completions", "POST /v1/videos", "GET /v1/models", "GET /health", "GET /ready",
-              "GET /metrics"}
+              "GET /info", "GET /metrics"}
 
 
 @pytest.fixture(scope="module")
