@@ -1,26 +1,34 @@
 """Replica pools: gRPC channels to every encoder and LLM address, and the choice of one per call.
 
 A call goes to the replica with the fewest calls in flight from this gateway (ties broken round
-robin), skipping replicas whose last call failed with UNAVAILABLE for a short while.
+robin), skipping replicas whose last call failed with UNAVAILABLE for a short while; a call that
+finds its replica unreachable moves on to the next candidate. A repeat question about a video
+prefers the LLM replica that answered about it last (PrefixHolders): it holds the video's prefix.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
+from collections import OrderedDict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.errors import APIError
 from protos.videollm.v1 import llm_pb2, llm_pb2_grpc
 from videollm import wire
 
+log = logging.getLogger(__name__)
+
 UNAVAILABLE_BACKOFF_S = 2.0
+PREFIX_HOLDERS_KEPT = 100_000  # video -> LLM replica entries for prefix-aware routing
 
 
 @dataclass
@@ -52,7 +60,7 @@ class Replica:
 
 @dataclass
 class ReplicaPool:
-    kind: str  # "encoder" | "llm", for messages
+    kind: str  # "encoder" | "LLM", for messages
     replicas: list[Replica]
     _turn: itertools.count = field(default_factory=itertools.count)
 
@@ -100,6 +108,31 @@ class ReplicaPool:
         turn = next(self._turn)
         return min(up, key=lambda r: (r.in_flight, (r.order - turn) % len(self.replicas)))
 
+    def candidates(self, prefer: str | None = None) -> Iterator[Replica]:
+        """The replicas to try one after another for a call, each at most once (see pick)."""
+        tried: set[str] = set()
+        while (replica := self.pick(exclude=tried, prefer=prefer)) is not None:
+            tried.add(replica.address)
+            yield replica
+
+    def skipping(self, replica: Replica) -> None:
+        log.warning("%s %s unavailable, trying another replica", self.kind, replica.address)
+
+    def none_available(self) -> APIError:
+        return APIError(503, f"no {self.kind} replica is available", "service_unavailable",
+                        code="backend_unavailable", headers={"Retry-After": "1"})
+
+    async def info(self, request, timeout_s: float = 5.0):
+        """The Info of the first replica that answers; 503 when none does."""
+        errors = []
+        for replica in self.replicas:
+            try:
+                return await replica.stub.Info(request, timeout=timeout_s)
+            except grpc.aio.AioRpcError as err:
+                errors.append(f"{replica.address}: {err.code().name}")
+        raise APIError(503, f"no {self.kind} replica is reachable ({'; '.join(errors)})", "service_unavailable",
+                       code="backend_unavailable", headers={"Retry-After": "1"})
+
     def acquire(self, replica: Replica) -> None:
         replica.in_flight += 1
 
@@ -133,3 +166,24 @@ def llm_stub(channel: grpc.aio.Channel) -> llm_pb2_grpc.LLMStub:
     stub.Generate = channel.stream_stream("/videollm.v1.LLM/Generate", request_serializer=wire.serialize,
                                           response_deserializer=llm_pb2.GenerateResponse.FromString)
     return stub
+
+
+class PrefixHolders:
+    """Which LLM replica last answered about a video (by its cache key): it holds that video's prefix
+    KV cache, so the next question about it goes there. The oldest entries are forgotten first."""
+
+    def __init__(self, kept: int = PREFIX_HOLDERS_KEPT):
+        self.kept = kept
+        self._holders: OrderedDict[str, str] = OrderedDict()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._holders
+
+    def get(self, key: str) -> str | None:
+        return self._holders.get(key)
+
+    def remember(self, key: str, address: str) -> None:
+        self._holders[key] = address
+        self._holders.move_to_end(key)
+        while len(self._holders) > self.kept:
+            self._holders.popitem(last=False)

@@ -169,6 +169,7 @@ class TokenCache:
         self.store = store
         self.ttl_s = ttl_s
         self.max_entry_bytes = max_entry_bytes
+        self._writes: set[asyncio.Task] = set()
 
     async def get(self, key: str) -> EncodedVideo | None:
         blob = await self.store.get(key)
@@ -203,6 +204,26 @@ class TokenCache:
             return False
         return await self.store.set(key, video.to_bytes(), self.ttl_s)
 
+    def put_when_verified(self, key: str, encoded: asyncio.Future) -> None:
+        """Store the tokens in the background once `encoded` (-> EncodedVideo) completes, i.e. the
+        tensor arrived whole and verified; a failed encode is never cached."""
+
+        async def store():
+            try:
+                video = await encoded
+            except BaseException:  # noqa: BLE001 - a failed encode is never cached
+                return
+            await self.put(key, video)
+
+        task = asyncio.create_task(store())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def close(self) -> None:
+        """Wait for the writes in progress."""
+        for task in list(self._writes):
+            await asyncio.gather(task, return_exceptions=True)
+
 
 class SingleFlight:
     """Runs one producer per key at a time; concurrent callers for the same key share its result."""
@@ -217,6 +238,12 @@ class SingleFlight:
             return future
         self._inflight[key] = asyncio.get_running_loop().create_future()
         return None
+
+    def finish_with(self, key: str, done: asyncio.Future) -> None:
+        """Hand the followers the leader's result (-> EncodedVideo) once it is known."""
+        done.add_done_callback(
+            lambda done: self.finish(key, result=None if done.exception() else done.result(), error=done.exception())
+        )
 
     def finish(self, key: str, result: EncodedVideo | None = None, error: BaseException | None = None) -> None:
         future = self._inflight.pop(key, None)

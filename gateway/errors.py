@@ -1,9 +1,22 @@
-"""Errors in OpenAI's shape, and the mapping from downstream gRPC status codes to HTTP."""
+"""Errors in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`), the mapping from
+downstream gRPC status codes to HTTP, and the app's exception handlers that answer every error so.
+"""
 
 from __future__ import annotations
 
+import logging
+
 import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from videollm.proto_mapping import describe_errors
+
+log = logging.getLogger(__name__)
+
+COMPRESSION = ("videollm", "compression")  # where REST's compression settings sit in a chat body
 
 
 class APIError(Exception):
@@ -45,3 +58,47 @@ def from_grpc(err: grpc.aio.AioRpcError, service: str) -> APIError:
         message = f"the {service} failed: {message}"
     headers = {"Retry-After": "1"} if status in (429, 503) else None
     return APIError(status, message, type_=type_, code=code, headers=headers)
+
+
+# -- exception handlers ---------------------------------------------------------------------------
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected_error)
+
+
+async def api_error(request: Request, err: APIError) -> JSONResponse:
+    request.app.state.metrics.requests.labels(request.url.path, str(err.status)).inc()
+    return err.response()
+
+
+def _body_path(error: dict) -> tuple:
+    return tuple(p for p in error.get("loc", ()) if p != "body")
+
+
+async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    errors = err.errors()
+    first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
+    path = _body_path(first)
+    where = ".".join(str(p) for p in path)
+    if not where and first.get("type") == "missing":
+        message = "the request body is missing: send a JSON object"
+    elif path[:2] == COMPRESSION and len(path) > 2:  # a compression setting: state its range, as the encoder does
+        under = [{**e, "loc": _body_path(e)[2:]} for e in errors if _body_path(e)[:2] == COMPRESSION]
+        message = describe_errors([e for e in under if e["loc"]], ".".join(COMPRESSION))
+    else:
+        message = f"{where}: {first['msg']}" if where else first["msg"]
+    return await api_error(request, bad_request(message, where or None))
+
+
+async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    type_ = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+    return await api_error(request, APIError(err.status_code, str(err.detail), type_))
+
+
+async def unexpected_error(request: Request, err: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s", request.url.path)
+    return await api_error(request, APIError(500, "internal error; see the gateway's log", "api_error"))

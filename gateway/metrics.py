@@ -1,6 +1,14 @@
 """Prometheus metrics of the gateway (served at /metrics)."""
 
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from gateway.requests import Outcome
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -30,3 +38,17 @@ class GatewayMetrics:
         self.completion_tokens = Counter(
             "videollm_completion_tokens", "generated tokens", registry=self.registry
         )
+
+    def record_chat(self, outcome: Outcome, received_at: float, status: str) -> None:
+        """A finished chat completion (status "499": the client left)."""
+        self.requests.labels("/v1/chat/completions", status).inc()
+        self.total.observe(time.perf_counter() - received_at)
+        if outcome.cache:
+            self.cache.labels(outcome.cache).inc()
+        if outcome.first_token_at is not None:
+            self.ttft.labels(outcome.cache or "none").observe(outcome.first_token_at - received_at)
+        if outcome.header is not None and outcome.cache == "miss":
+            self.encode.observe(outcome.header.timings.total_ms / 1e3)
+        if outcome.final is not None:
+            self.queue.observe(outcome.final.timings.queue_ms / 1e3)
+            self.completion_tokens.inc(outcome.final.usage.completion_tokens)

@@ -1,4 +1,5 @@
-"""Where a request's video comes from: an inline data URL, or the id of an uploaded video.
+"""Where a request's video comes from: an inline data URL, the id of an uploaded video, or (when
+enabled) an http(s) URL the gateway fetches (fetch.py).
 
 Uploaded videos are kept in Redis under their content hash (so every gateway replica sees them)
 and in a small in-process LRU, so that uploads keep working while Redis is down.
@@ -6,6 +7,7 @@ and in a small in-process LRU, so that uploads keep working while Redis is down.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 from gateway.cache import RedisStore
 from gateway.errors import APIError, bad_request
+from gateway.fetch import FetchPolicy, fetch_video
 
 VIDEO_ID = re.compile(r"^video-[0-9a-f]{64}$")
 DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.ASCII)
@@ -111,3 +114,26 @@ class UploadStore:
             return None
         self._memory.move_to_end(video_id) if video_id in self._memory else None
         return video
+
+
+@dataclass
+class VideoSources:
+    """Resolves a request's video_url to the video's bytes."""
+
+    uploads: UploadStore
+    fetch_policy: FetchPolicy
+    max_bytes: int
+
+    async def resolve(self, url: str) -> Video:
+        if url.startswith("data:"):
+            return await asyncio.to_thread(decode_data_url, url, self.max_bytes)
+        if VIDEO_ID.match(url):
+            video = await self.uploads.get(url)
+            if video is None:
+                raise APIError(404, f"no uploaded video with id {url!r} (it may have expired)", "not_found_error",
+                               param="messages", code="video_not_found")
+            return video
+        if url.startswith(("http://", "https://")):
+            return Video.of(await fetch_video(url, self.fetch_policy))
+        raise bad_request("video_url.url must be a data:video/...;base64, URL or a video id from /v1/videos",
+                          "messages")

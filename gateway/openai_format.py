@@ -1,0 +1,213 @@
+"""OpenAI's chat completions format <-> the gateway's own terms.
+
+In: a ChatCompletionRequest becomes a ChatRequest (the prompt as the LLM's messages, the sampling,
+the video with its `videollm` options, Stage III). Out: the chat.completion object or the stream's
+chat.completion.chunk events, the usage, and the `videollm` object that reports what the stack did.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+from gateway.errors import bad_request
+from gateway.requests import ChatRequest, Outcome, VideoRequest
+from gateway.schemas import ChatCompletionRequest, ChatMessage, TextPart, VideoPart
+from gateway.videos import VideoSources
+from protos.videollm.v1 import encoder_pb2, llm_pb2
+from videollm.proto_mapping import compression_from_proto, inner_to_proto
+from videollm.settings import CompressionSettings
+
+ENCODER_STAGES = ("decode", "preprocess", "queue", "vision", "stage1", "importance", "projector", "stage2", "total")
+
+# -- in -------------------------------------------------------------------------------------------
+
+
+async def to_chat_request(body: ChatCompletionRequest, videos: VideoSources) -> ChatRequest:
+    messages, video_url = prompt_messages(body.messages)
+    video = None
+    if video_url is not None:
+        options = body.videollm
+        overrides = options.compression.encoder_fields() if options.compression else {}
+        video = VideoRequest(await videos.resolve(video_url), options.num_frames, overrides)
+    elif any(value is not None for value in body.videollm.model_dump().values()):
+        raise bad_request("videollm options need a video_url content part", "videollm")
+    inner = body.videollm.inner_compression
+    return ChatRequest(messages, sampling_params(body), video, inner_to_proto(inner) if inner is not None else None)
+
+
+def prompt_messages(messages: list[ChatMessage]) -> tuple[list[llm_pb2.ChatMessage], str | None]:
+    """The LLM's messages (a video part becomes the video's place in the prompt) and the video's URL."""
+    out, video_url = [], None
+    for message in messages:
+        parts = [message.content] if isinstance(message.content, str) else message.content
+        converted = llm_pb2.ChatMessage(role=message.role)
+        for part in parts:
+            if isinstance(part, str):
+                converted.content.add(text=part)
+            elif isinstance(part, TextPart):
+                converted.content.add(text=part.text)
+            elif isinstance(part, VideoPart):
+                if video_url is not None:
+                    raise bad_request("at most one video per request is supported", "messages")
+                video_url = part.video_url.url
+                converted.content.add(video=True)
+        out.append(converted)
+    return out, video_url
+
+
+def sampling_params(body: ChatCompletionRequest) -> llm_pb2.SamplingParams:
+    sampling = llm_pb2.SamplingParams(
+        max_tokens=body.max_completion_tokens or body.max_tokens or 0,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        stop=body.stop_list(),
+    )
+    if body.seed is not None:
+        sampling.seed = body.seed
+    return sampling
+
+
+# -- out ------------------------------------------------------------------------------------------
+
+
+def sse(payload: dict) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class Completion:
+    """The OpenAI objects of one chat completion's response: the whole answer, or the stream's chunks."""
+
+    def __init__(self, model: str, received_at: float):
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self.received_at = received_at
+
+    def whole(self, text: str, outcome: Outcome) -> dict:
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish_reason(outcome),
+                    "logprobs": None,
+                }
+            ],
+            "usage": usage_object(outcome.final),
+            "videollm": videollm_object(outcome, self.received_at),
+        }
+
+    def chunk(self, delta: dict, finish_reason: str | None = None, **extra) -> str:
+        return self._event([{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra)
+
+    def closing_chunks(self, outcome: Outcome, include_usage: bool) -> Iterator[str]:
+        """After the text: the finish reason with the `videollm` object, the usage if asked, [DONE]."""
+        yield self.chunk({}, finish_reason(outcome), videollm=videollm_object(outcome, self.received_at))
+        if include_usage:
+            yield self._event([], usage=usage_object(outcome.final))
+        yield "data: [DONE]\n\n"
+
+    def _event(self, choices: list, **extra) -> str:
+        return sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                    "choices": choices, **extra})
+
+
+def finish_reason(outcome: Outcome) -> str:
+    return outcome.final.finish_reason if outcome.final else "stop"
+
+
+def usage_object(final: llm_pb2.GenerateFinal | None) -> dict | None:
+    if final is None:
+        return None
+    prompt = final.usage.prompt_tokens + final.usage.visual_tokens
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": final.usage.completion_tokens,
+        "total_tokens": prompt + final.usage.completion_tokens,
+    }
+
+
+def videollm_object(outcome: Outcome, received_at: float) -> dict:
+    header, final = outcome.header, outcome.final
+    body = {
+        "cache": outcome.cache,
+        "frames": header.frames_sampled if header is not None else 0,
+        "visual_tokens": final.usage.visual_tokens if final else 0,
+        "timings_ms": timings_object(outcome, received_at),
+        "decode_tokens_per_s": round(final.timings.decode_tokens_per_s, 2) if final else None,
+    }
+    if header is not None:
+        body.update(encoding_report(header, final))
+    return body
+
+
+def _since(start: float | None, end: float | None) -> float | None:
+    return round((end - start) * 1e3, 3) if start is not None and end is not None else None
+
+
+def timings_object(outcome: Outcome, received_at: float) -> dict:
+    header, final = outcome.header, outcome.final
+    now = time.perf_counter()
+    ttft = (outcome.first_token_at or now) - received_at
+    encoded = header is not None and outcome.cache == "miss"
+    return {
+        "encode": round(header.timings.total_ms, 3) if encoded else 0.0,
+        "prefill": round(final.timings.prefill_ms, 3) if final else None,
+        "ttft": round(ttft * 1e3, 3),
+        "llm_ttft": round(final.timings.ttft_ms, 3) if final else None,  # LLM call start -> first token
+        "total": round((now - received_at) * 1e3, 3),
+        "llm_queue": round(final.timings.queue_ms, 3) if final else None,
+        # from the LLM call's start until the whole visual tensor arrived there and was checked
+        "handoff": round(final.timings.receive_ms, 3) if final else None,
+        # the gateway's hops: request in -> Encode call (validation, hashing, cache lookup), the
+        # Encode call until its header (encoder and gRPC), request in -> Generate call
+        "gateway_in": _since(received_at, outcome.encode_called_at),
+        "encode_call": _since(outcome.encode_called_at, outcome.encode_header_at),
+        "to_llm_call": _since(received_at, outcome.llm_called_at),
+    }
+
+
+def encoding_report(header: encoder_pb2.EncodeHeader, final: llm_pb2.GenerateFinal | None) -> dict:
+    """What the encoder did: the source, EarlyTom's segments and kept positions, timings, FLOPs."""
+    info = header.compression
+    return {
+        "source": {
+            "duration_s": round(header.source_duration_s, 3),
+            "fps": round(header.source_fps, 3),
+            "frames": header.source_frames,
+            "frame_indices": list(header.frame_indices),
+        },
+        "frames_after_merge": info.frames_after_merge,
+        "segments": [[s.first, s.last] for s in info.segments],
+        "kept": [list(k.positions) for k in info.kept],
+        "compression": {
+            "method": info.method,
+            "tokens_per_frame": info.tokens_per_frame,
+            "uncompressed_tokens": header.uncompressed_tokens,
+            "layer_frames": list(info.layer_frames),
+            "settings": compression_settings_dict(info.settings),
+        },
+        "encoder_timings_ms": {name: round(getattr(header.timings, name + "_ms"), 3) for name in ENCODER_STAGES},
+        # the requests whose frames shared the vision tower's pass with this one's (itself included)
+        "encoder_batch": {"requests": header.batch_requests, "frames": header.batch_frames},
+        "flops": {
+            "encoder": header.flops.encoder,
+            "encoder_uncompressed": header.flops.encoder_uncompressed,
+            "prefill": final.flops.prefill if final else None,
+            "prefill_uncompressed": final.flops.prefill_uncompressed if final else None,
+        },
+    }
+
+
+def compression_settings_dict(message: encoder_pb2.Compression) -> dict:
+    """The encoder's resolved compression settings, as the request's `videollm.compression` spells them."""
+    return compression_from_proto(message, CompressionSettings()).model_dump() if message.method else {}
