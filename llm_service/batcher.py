@@ -72,7 +72,7 @@ class Failed:
     error: Exception
 
 
-Event = Started | Text | Finished | Failed
+SequenceEvent = Started | Text | Finished | Failed
 
 
 @dataclass
@@ -85,7 +85,7 @@ class Sequence:
     sampler: Sampler
     eos_ids: frozenset[int]
     text: TextOutput
-    events: queue.SimpleQueue[Event] = field(default_factory=queue.SimpleQueue)
+    events: queue.SimpleQueue[SequenceEvent] = field(default_factory=queue.SimpleQueue)
     closed: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
     generated: int = 0  # tokens sampled so far
