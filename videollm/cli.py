@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run gateway, encoder, LLM and Redis locally in one command",
                            description="Every setting of the three services is a flag; a setting that several "
-                                       "services have (--model, --max-frames) applies to each of them.")
+                                       "services have (--model, --device, --max-concurrent) applies to each of them.")
     add_flags(serve, serve_flags())
     serve.set_defaults(func=cmd_serve)
 

@@ -4,7 +4,7 @@ Every field of a settings class becomes `--field-name` (a nested model's fields 
 `--model-field`, e.g. `--compression-retain-ratio`), with the field's type, choices and
 description. A flag left out stays None and leaves the value to the environment or the default.
 `videollm serve` takes the flags of all three services at once (`serve_flags`): a name that
-several services own (`--model`, `--max-frames`) sets it in each of them.
+several services own (`--model`, `--max-concurrent`) sets it in each of them.
 """
 
 from __future__ import annotations
