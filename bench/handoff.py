@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from bench.timing import median_ms
-from llm_service.pull import CHUNK_FIELD, EncoderPuller
+from llm_service.pull import EncoderPuller
 from protos.videollm.v1 import llm_pb2
-from videollm import wire
+from videollm import tensors, transport
 
 SIZES = {"retain 0.1 (639 tokens)": 639, "retain 0.25 (1585 tokens)": 1585, "retain 1.0 (6273 tokens)": 6273}
 WIDTH = 3584
@@ -60,9 +60,9 @@ def main(argv=None) -> int:
             tensor = torch.randn(tokens, WIDTH).to(torch.bfloat16)  # [N, D] as the encoder returns it
 
             def serialise():
-                payload = wire.tensor_bytes(tensor)
-                header = wire.describe(tensor, payload)
-                messages = list(wire.chunk_messages(payload, CHUNK_FIELD))  # as the encoder writes them
+                payload = tensors.tensor_bytes(tensor)
+                header = tensors.describe(tensor, payload)
+                messages = list(transport.chunk_messages(payload, transport.ENCODE_CHUNK_FIELD))  # as the encoder writes them
                 return header, payload, messages
 
             header, payload, _ = serialise()

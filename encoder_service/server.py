@@ -10,13 +10,13 @@ from encoder_service.engine import EncodeRequestError, EncoderEngine, EncodeResu
 from encoder_service.pull_store import PullStore
 from encoder_service.video_decode import VideoError
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, tensor_pb2
-from videollm import wire
+from videollm import tensors, transport
 from videollm.checkpoint import peak_memory_bytes
 from videollm.grpc_server import MiB, run_until_signalled, start_service
 from videollm.proto_mapping import compression_from_proto, compression_to_proto
 from videollm.settings import EncoderSettings, public_settings
 
-SERVICE_NAME = "videollm.v1.Encoder"
+SERVICE_NAME = transport.ENCODER_SERVICE
 
 
 def header_for(result: EncodeResult, tensor: tensor_pb2.TensorHeader, model_id: str,
@@ -49,26 +49,9 @@ def header_for(result: EncodeResult, tensor: tensor_pb2.TensorHeader, model_id: 
     )
 
 
-CHUNK_FIELD = encoder_pb2.EncodeResponse.DESCRIPTOR.fields_by_name["chunk"].number
-
-
 def _chunk_responses(payload: memoryview):
-    """EncodeResponse chunk messages, already serialized (see wire.chunk_messages)."""
-    return wire.chunk_messages(payload, CHUNK_FIELD)
-
-
-def add_to_server(servicer: EncoderServicer, server: grpc.Server) -> None:
-    """The generated registration, except that streamed responses may be pre-serialized bytes."""
-    handlers = {
-        "Encode": grpc.unary_stream_rpc_method_handler(
-            servicer.Encode, request_deserializer=encoder_pb2.EncodeRequest.FromString, response_serializer=wire.serialize),
-        "Pull": grpc.unary_stream_rpc_method_handler(
-            servicer.Pull, request_deserializer=encoder_pb2.PullRequest.FromString, response_serializer=wire.serialize),
-        "Info": grpc.unary_unary_rpc_method_handler(
-            servicer.Info, request_deserializer=encoder_pb2.InfoRequest.FromString,
-            response_serializer=encoder_pb2.EncoderInfo.SerializeToString),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    """EncodeResponse chunk messages, already serialized."""
+    return transport.chunk_messages(payload, transport.ENCODE_CHUNK_FIELD)
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
@@ -88,9 +71,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except Overloaded as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
-        payload = wire.tensor_bytes(result.tokens)
+        payload = tensors.tensor_bytes(result.tokens)
         ticket = self.pulls.put(payload) if request.offer_pull else ""
-        header = header_for(result, wire.describe(result.tokens, payload), self.engine.model_id, ticket)
+        header = header_for(result, tensors.describe(result.tokens, payload), self.engine.model_id, ticket)
         yield encoder_pb2.EncodeResponse(header=header)
         yield from _chunk_responses(payload)
 
@@ -129,7 +112,7 @@ def start(settings: EncoderSettings, engine: EncoderEngine | None = None, servic
     servicer = servicer or EncoderServicer(engine or EncoderEngine(settings))
     engine = servicer.engine
     return start_service(settings, settings.max_video_bytes + MiB,
-                         lambda server: add_to_server(servicer, server),
+                         lambda server: transport.add_encoder_servicer(servicer, server),
                          SERVICE_NAME, "encoder", engine.model_id)
 
 

@@ -22,8 +22,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.errors import APIError
-from protos.videollm.v1 import llm_pb2, llm_pb2_grpc
-from videollm import wire
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +156,6 @@ class ReplicaPool:
     async def close(self) -> None:
         for replica in self.replicas:
             await replica.channel.close()
-
-
-def llm_stub(channel: grpc.aio.Channel) -> llm_pb2_grpc.LLMStub:
-    """The generated stub, except that Generate also takes pre-serialized chunk messages (bytes)."""
-    stub = llm_pb2_grpc.LLMStub(channel)
-    stub.Generate = channel.stream_stream("/videollm.v1.LLM/Generate", request_serializer=wire.serialize,
-                                          response_deserializer=llm_pb2.GenerateResponse.FromString)
-    return stub
 
 
 class PrefixHolders:

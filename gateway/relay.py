@@ -19,10 +19,7 @@ import grpc
 from gateway.cache import EncodedVideo
 from gateway.errors import APIError, from_grpc
 from protos.videollm.v1 import encoder_pb2, llm_pb2
-from videollm import wire
-from videollm.wire import CHUNK_BYTES
-
-VISUAL_CHUNK_FIELD = llm_pb2.GenerateRequest.DESCRIPTOR.fields_by_name["visual_chunk"].number
+from videollm import transport
 
 
 class EncodeRelay:
@@ -72,9 +69,8 @@ class EncodeRelay:
 
 
 async def _memory_chunks(payload: bytes | memoryview) -> AsyncIterator[memoryview]:
-    view = memoryview(payload)
-    for start in range(0, len(view), CHUNK_BYTES):
-        yield view[start : start + CHUNK_BYTES]
+    for piece in transport.pieces(memoryview(payload)):
+        yield piece
 
 
 @dataclass
@@ -169,4 +165,4 @@ class GenerateRequests:
         yield llm_pb2.GenerateRequest(setup=self._setup)
         if self._chunks is not None and (self._need_visual is None or await self._need_visual):
             async for data in self._chunks:
-                yield wire.chunk_message(data, VISUAL_CHUNK_FIELD)  # serialized directly: one copy
+                yield transport.chunk_message(data, transport.VISUAL_CHUNK_FIELD)  # serialized directly: one copy

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from gateway.backends import ReplicaPool, llm_stub
+from gateway.backends import ReplicaPool
 from gateway.cache import RedisStore, TokenCache
 from gateway.errors import APIError
 from gateway.fetch import FetchPolicy
@@ -13,6 +13,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline
 from gateway.videos import UploadStore, VideoSources
 from protos.videollm.v1 import encoder_pb2_grpc
+from videollm import transport
 from videollm.settings import MiB, GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class Runtime:
         tls = ReplicaPool.credentials(settings.grpc_tls_ca, settings.grpc_tls_cert, settings.grpc_tls_key)
         self.encoders = ReplicaPool.connect("encoder", settings.encoders, encoder_pb2_grpc.EncoderStub,
                                             settings.max_upload_bytes + MiB, tls)
-        self.llms = ReplicaPool.connect("LLM", settings.llms, llm_stub, 16 * MiB, tls)
+        self.llms = ReplicaPool.connect("LLM", settings.llms, transport.llm_stub, 16 * MiB, tls)
         cache = TokenCache(self.store, settings.cache_ttl_s, settings.cache_max_entry_bytes)
         self.pipeline = Pipeline(settings, self.encoders, self.llms, cache)
         if settings.redis_url and not await self.store.ping():

@@ -19,11 +19,9 @@ import grpc
 import torch
 
 from protos.videollm.v1 import encoder_pb2, llm_pb2, tensor_pb2
-from videollm import pull_files, wire
+from videollm import pull_files, tensors, transport
 
 log = logging.getLogger(__name__)
-
-CHUNK_FIELD = encoder_pb2.EncodeResponse.DESCRIPTOR.fields_by_name["chunk"].number
 
 
 class EncoderPuller:
@@ -43,12 +41,8 @@ class EncoderPuller:
             call = self._pulls.get(address)
             if call is None:
                 channel = grpc.insecure_channel(address, options=[
-                    ("grpc.max_receive_message_length", 2 * wire.CHUNK_BYTES)])
-                call = self._pulls[address] = channel.unary_stream(
-                    "/videollm.v1.Encoder/Pull",
-                    request_serializer=encoder_pb2.PullRequest.SerializeToString,
-                    response_deserializer=lambda message: wire.chunk_data(message, CHUNK_FIELD),
-                )
+                    ("grpc.max_receive_message_length", 2 * transport.CHUNK_BYTES)])
+                call = self._pulls[address] = transport.pull_call(channel)
             return call
 
     def pull(self, header: tensor_pb2.TensorHeader, source: llm_pb2.VisualPull) -> torch.Tensor | None:
@@ -56,19 +50,19 @@ class EncoderPuller:
         try:
             if self.shm_dir is not None:
                 # the file's size is checked; nothing travelled, so there is no CRC to check
-                payload = pull_files.take(self.shm_dir, source.ticket, wire.checked_size(header, self.max_bytes))
+                payload = pull_files.take(self.shm_dir, source.ticket, transport.checked_size(header, self.max_bytes))
                 if payload is not None:
-                    tensor = wire.as_tensor(header, payload)  # [N, D]
+                    tensor = tensors.as_tensor(header, payload)  # [N, D]
                     with self._lock:
                         self.pulled += 1
                         self.from_shared_memory += 1
                     return tensor
-            assembler = wire.TensorAssembler(header, self.max_bytes)
+            assembler = transport.TensorAssembler(header, self.max_bytes)
             for data in self._pull_call(source.address)(encoder_pb2.PullRequest(ticket=source.ticket),
                                                         timeout=self.timeout_s):
                 assembler.add(data)
-            tensor = assembler.tensor()  # [N, D]
-        except (grpc.RpcError, wire.WireError, pull_files.PullFileError, OSError) as err:
+            tensor = tensors.received(assembler)  # [N, D]
+        except (grpc.RpcError, transport.WireError, pull_files.PullFileError, OSError) as err:
             with self._lock:
                 self.failed += 1
             detail = err.details() if isinstance(err, grpc.RpcError) else str(err)

@@ -13,13 +13,13 @@ from llm_service.engine import Delta, GenerateRequestError, GenerationRequest, L
 from llm_service.prompt import VIDEO, Message
 from llm_service.sampling import SamplingParams
 from protos.videollm.v1 import llm_pb2, llm_pb2_grpc
-from videollm import wire
+from videollm import tensors, transport
 from videollm.checkpoint import peak_memory_bytes
 from videollm.grpc_server import MiB, run_until_signalled, start_service
 from videollm.proto_mapping import inner_from_proto
 from videollm.settings import InnerCompressionSettings, LLMSettings, public_settings
 
-SERVICE_NAME = "videollm.v1.LLM"
+SERVICE_NAME = transport.LLM_SERVICE
 
 
 def messages_from_proto(messages) -> list[Message]:
@@ -93,12 +93,12 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
             raise GenerateRequestError(str(err)) from err
 
     def _read_visual(self, header, request_iterator):
-        assembler = wire.TensorAssembler(header, self.engine.settings.max_visual_bytes)
+        assembler = transport.TensorAssembler(header, self.engine.settings.max_visual_bytes)
         for message in request_iterator:
-            if not isinstance(message, memoryview):  # see _request: chunks arrive as views of their data
+            if not isinstance(message, memoryview):  # chunks arrive as views of their data (transport)
                 raise GenerateRequestError("only visual_chunk messages may follow the GenerateSetup")
             assembler.add(message)
-        return assembler.tensor()  # [N, D]
+        return tensors.received(assembler)  # [N, D]
 
     def Generate(self, request_iterator, context: grpc.ServicerContext):
         arrived = time.perf_counter()
@@ -121,7 +121,7 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
             request.receive_ms = (time.perf_counter() - arrived) * 1e3
             events = self.engine.generate(request)
             first_event = next(events)  # validation errors surface here, before any text is sent
-        except (GenerateRequestError, wire.WireError) as err:
+        except (GenerateRequestError, transport.WireError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except Overloaded as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
@@ -160,35 +160,11 @@ def _chain(first, rest):
     yield from rest
 
 
-VISUAL_CHUNK_FIELD = llm_pb2.GenerateRequest.DESCRIPTOR.fields_by_name["visual_chunk"].number
-
-
-def _request(message: bytes):
-    """A visual chunk as a view of its data (no protobuf object, no copy); any other message parsed."""
-    try:
-        return wire.chunk_data(message, VISUAL_CHUNK_FIELD)
-    except wire.WireError:
-        return llm_pb2.GenerateRequest.FromString(message)
-
-
-def add_to_server(servicer: LLMServicer, server: grpc.Server) -> None:
-    """The generated registration, except that Generate reads visual chunks with _request."""
-    handlers = {
-        "Generate": grpc.stream_stream_rpc_method_handler(
-            servicer.Generate, request_deserializer=_request,
-            response_serializer=llm_pb2.GenerateResponse.SerializeToString),
-        "Info": grpc.unary_unary_rpc_method_handler(
-            servicer.Info, request_deserializer=llm_pb2.LLMInfoRequest.FromString,
-            response_serializer=llm_pb2.LLMInfo.SerializeToString),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-
-
 def start(settings: LLMSettings, engine: LLMEngine | None = None):
     """Start serving on settings.host:settings.port; returns (server, health, port)."""
     engine = engine or LLMEngine(settings)
     servicer = LLMServicer(engine)
-    return start_service(settings, 16 * MiB, lambda server: add_to_server(servicer, server),
+    return start_service(settings, 16 * MiB, lambda server: transport.add_llm_servicer(servicer, server),
                          SERVICE_NAME, "LLM", engine.model_id)
 
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import base64
 
+import torch
+
+from protos.videollm.v1 import tensor_pb2
+from videollm import tensors, transport
+
 
 def data_url(video: bytes, mime: str = "video/mp4") -> str:
     return f"data:{mime};base64,{base64.b64encode(video).decode()}"
@@ -24,3 +29,11 @@ def video_chat(url: str, question: str = "What happens in this video?", **fields
 
 def encoder_calls(encoder_service) -> int:
     return encoder_service.engine.encodes_completed
+
+
+def assemble(header: tensor_pb2.TensorHeader, pieces, max_bytes: int) -> torch.Tensor:
+    """The tensor a receiver gets from these chunks (transport.WireError when they do not match)."""
+    assembler = transport.TensorAssembler(header, max_bytes)
+    for piece in pieces:
+        assembler.add(piece)
+    return tensors.received(assembler)

@@ -16,7 +16,7 @@ from llm_service.engine import Delta, Final, GenerationRequest
 from llm_service.prompt import VIDEO, Message
 from llm_service.sampling import SamplingParams
 from protos.videollm.v1 import llm_pb2, llm_pb2_grpc, tensor_pb2
-from videollm import wire
+from videollm import tensors, transport
 from videollm.checkpoint import model_identity
 from videollm.tiny_model import TEXT_HIDDEN
 
@@ -50,10 +50,10 @@ def generate_requests(messages, visual: torch.Tensor | None = None, **sampling):
     if visual is None:
         yield setup_message(messages, **sampling)
         return
-    payload = wire.tensor_bytes(visual)
-    yield setup_message(messages, wire.describe(visual, payload), **sampling)
-    for piece in wire.chunks(payload):
-        yield chunk_message(piece)
+    payload = tensors.tensor_bytes(visual)
+    yield setup_message(messages, tensors.describe(visual, payload), **sampling)
+    for piece in transport.pieces(payload):
+        yield chunk_message(bytes(piece))
 
 
 def collect(responses) -> tuple[list[str], llm_pb2.GenerateFinal]:
@@ -297,9 +297,9 @@ def test_usage_counts_visual_rows_and_prompt_tokens_without_the_placeholder(stub
 def test_a_visual_tensor_over_4_mib_arrives_intact_in_chunks(stub, llm_service, monkeypatch):
     engine = llm_service.engine
     visual = visual_tokens(20000, seed=42)  # 20000 x HIDDEN float32 > 4 MiB
-    payload = wire.tensor_bytes(visual)
+    payload = tensors.tensor_bytes(visual)
     assert payload.nbytes > 4 << 20
-    assert len(list(wire.chunks(payload))) > 1
+    assert len(list(transport.pieces(payload))) > 1
 
     received = []
     original_prepare = engine.prepare
@@ -338,8 +338,8 @@ def wrong_hidden_size():
 
 def corrupted_chunk():
     visual = visual_tokens(3)
-    payload = wire.tensor_bytes(visual)
-    header = wire.describe(visual, payload)
+    payload = tensors.tensor_bytes(visual)
+    header = tensors.describe(visual, payload)
     data = bytearray(payload)
     data[10] ^= 0xFF
     yield setup_message([user(VIDEO, "Hi")], header, max_tokens=2)
@@ -348,8 +348,8 @@ def corrupted_chunk():
 
 def missing_chunks():
     visual = visual_tokens(3)
-    payload = wire.tensor_bytes(visual)
-    yield setup_message([user(VIDEO, "Hi")], wire.describe(visual, payload), max_tokens=2)
+    payload = tensors.tensor_bytes(visual)
+    yield setup_message([user(VIDEO, "Hi")], tensors.describe(visual, payload), max_tokens=2)
     yield chunk_message(bytes(payload[:100]))
 
 

@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from encoder_service.video_decode import decode_video
-from helpers import data_url, video_chat
+from helpers import assemble, data_url, video_chat
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc
-from videollm import wire
 from videollm.proto_mapping import compression_to_proto
 from videollm.settings import CompressionSettings
 from videos import make_video
@@ -47,7 +46,7 @@ def encode_over_grpc(
                                       compression=compression_to_proto(compression))
         )
         header = next(responses).header
-        tokens = wire.assemble(header.tensor, (r.chunk.data for r in responses), max_bytes=1 << 30)
+        tokens = assemble(header.tensor, (r.chunk.data for r in responses), max_bytes=1 << 30)
     return header, tokens
 
 

@@ -1,4 +1,5 @@
-"""Unit tests of the tensor framing in videollm/wire.py: header, chunks, reassembly and its checks."""
+"""Unit tests of the tensor framing (videollm/transport.py and videollm/tensors.py): header, chunks,
+reassembly and its checks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from protos.videollm.v1 import tensor_pb2
-from videollm import wire
+from helpers import assemble
+from videollm import tensors, transport
 
 UNLIMITED = 1 << 40
 INT_VIEWS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -29,9 +31,9 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
 
 
-def send(tensor: torch.Tensor, chunk_bytes: int = wire.CHUNK_BYTES):
-    payload = wire.tensor_bytes(tensor)
-    return wire.describe(tensor, payload), list(wire.chunks(payload, chunk_bytes))
+def send(tensor: torch.Tensor, chunk_bytes: int = transport.CHUNK_BYTES):
+    payload = tensors.tensor_bytes(tensor)
+    return tensors.describe(tensor, payload), list(map(bytes, transport.pieces(payload, chunk_bytes)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -42,14 +44,14 @@ def test_a_tensor_round_trips_bit_exactly_in_each_wire_dtype(dtype):
     assert header.dtype == {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
     assert list(header.shape) == [4, 8]
     assert header.num_bytes == original.numel() * original.element_size()
-    received = wire.assemble(header, pieces, max_bytes=UNLIMITED)
+    received = assemble(header, pieces, max_bytes=UNLIMITED)
     assert same_bits(received, original)
 
 
 def test_the_header_describes_the_payload_with_its_length_and_crc32():
     original = special_values(torch.float32)
-    payload = wire.tensor_bytes(original)
-    header = wire.describe(original, payload)
+    payload = tensors.tensor_bytes(original)
+    header = tensors.describe(original, payload)
     assert header.num_bytes == 4 * 8 * 4
     assert header.crc32 == zlib.crc32(original.numpy().tobytes())
     assert bytes(payload) == original.numpy().astype("<f4").tobytes()  # little-endian, row-major
@@ -58,7 +60,7 @@ def test_the_header_describes_the_payload_with_its_length_and_crc32():
 def test_a_non_contiguous_tensor_is_sent_in_row_major_order():
     original = torch.arange(12, dtype=torch.float32).reshape(3, 4).t()  # a transposed view
     header, pieces = send(original)
-    received = wire.assemble(header, pieces, max_bytes=UNLIMITED)
+    received = assemble(header, pieces, max_bytes=UNLIMITED)
     assert torch.equal(received, original)
 
 
@@ -69,10 +71,10 @@ def test_a_tensor_over_4_mib_is_split_into_several_chunks_and_reassembles_exactl
     header, pieces = send(original)
 
     assert len(pieces) == 5
-    assert all(len(piece) == wire.CHUNK_BYTES for piece in pieces[:-1])
-    assert all(len(piece) <= wire.CHUNK_BYTES < 4 << 20 for piece in pieces)
+    assert all(len(piece) == transport.CHUNK_BYTES for piece in pieces[:-1])
+    assert all(len(piece) <= transport.CHUNK_BYTES < 4 << 20 for piece in pieces)
     assert sum(len(piece) for piece in pieces) == header.num_bytes
-    received = wire.assemble(header, pieces, max_bytes=UNLIMITED)
+    received = assemble(header, pieces, max_bytes=UNLIMITED)
     assert same_bits(received, original)
 
 
@@ -80,14 +82,14 @@ def test_chunks_of_any_size_reassemble_to_the_same_tensor():
     original = special_values(torch.bfloat16)
     header, pieces = send(original, chunk_bytes=7)  # boundaries fall inside elements
     assert len(pieces) == -(-header.num_bytes // 7)
-    assert same_bits(wire.assemble(header, pieces, max_bytes=UNLIMITED), original)
+    assert same_bits(assemble(header, pieces, max_bytes=UNLIMITED), original)
 
 
 def test_an_empty_tensor_round_trips():
     original = torch.empty(0, 64)
     header, pieces = send(original)
     assert pieces == []
-    received = wire.assemble(header, pieces, max_bytes=UNLIMITED)
+    received = assemble(header, pieces, max_bytes=UNLIMITED)
     assert received.shape == (0, 64) and received.dtype == torch.float32
 
 
@@ -95,55 +97,55 @@ def test_a_flipped_byte_gives_a_checksum_error():
     header, pieces = send(special_values(torch.float32))
     corrupted = bytearray(pieces[0])
     corrupted[5] ^= 0x01
-    with pytest.raises(wire.WireError, match="checksum"):
-        wire.assemble(header, [bytes(corrupted)], max_bytes=UNLIMITED)
+    with pytest.raises(transport.WireError, match="checksum"):
+        assemble(header, [bytes(corrupted)], max_bytes=UNLIMITED)
 
 
 def test_missing_bytes_give_an_incomplete_error():
     header, pieces = send(special_values(torch.float32), chunk_bytes=16)
-    with pytest.raises(wire.WireError, match="incomplete"):
-        wire.assemble(header, pieces[:-1], max_bytes=UNLIMITED)
-    with pytest.raises(wire.WireError, match="incomplete"):
-        wire.assemble(header, [], max_bytes=UNLIMITED)
+    with pytest.raises(transport.WireError, match="incomplete"):
+        assemble(header, pieces[:-1], max_bytes=UNLIMITED)
+    with pytest.raises(transport.WireError, match="incomplete"):
+        assemble(header, [], max_bytes=UNLIMITED)
 
 
 def test_more_bytes_than_announced_are_refused():
     header, pieces = send(special_values(torch.float32))
-    with pytest.raises(wire.WireError, match="more than"):
-        wire.assemble(header, [*pieces, b"\x00"], max_bytes=UNLIMITED)
+    with pytest.raises(transport.WireError, match="more than"):
+        assemble(header, [*pieces, b"\x00"], max_bytes=UNLIMITED)
 
 
 def test_a_header_whose_byte_count_disagrees_with_its_shape_and_dtype_is_refused():
     header, pieces = send(special_values(torch.float32))
     for wrong in (header.num_bytes - 4, header.num_bytes + 4, header.num_bytes // 2):
         lying = tensor_pb2.TensorHeader(shape=header.shape, dtype=header.dtype, num_bytes=wrong, crc32=header.crc32)
-        with pytest.raises(wire.WireError, match="bytes"):
-            wire.TensorAssembler(lying, max_bytes=UNLIMITED)
+        with pytest.raises(transport.WireError, match="bytes"):
+            transport.TensorAssembler(lying, max_bytes=UNLIMITED)
     # the same bytes described as another dtype of a different width
     as_half = tensor_pb2.TensorHeader(shape=header.shape, dtype="float16", num_bytes=header.num_bytes,
                                       crc32=header.crc32)
-    with pytest.raises(wire.WireError, match="needs"):
-        wire.assemble(as_half, pieces, max_bytes=UNLIMITED)
+    with pytest.raises(transport.WireError, match="needs"):
+        assemble(as_half, pieces, max_bytes=UNLIMITED)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "int8", "", "FLOAT32"])
 def test_an_unknown_dtype_in_a_header_is_refused(dtype):
     header = tensor_pb2.TensorHeader(shape=[2, 2], dtype=dtype, num_bytes=16, crc32=0)
-    with pytest.raises(wire.WireError, match="dtype"):
-        wire.TensorAssembler(header, max_bytes=UNLIMITED)
+    with pytest.raises(transport.WireError, match="dtype"):
+        transport.TensorAssembler(header, max_bytes=UNLIMITED)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.uint8])
 def test_a_tensor_of_a_dtype_the_wire_does_not_carry_cannot_be_described(dtype):
     tensor = torch.zeros(2, 2, dtype=dtype)
-    with pytest.raises(wire.WireError, match="dtype"):
-        wire.describe(tensor, wire.tensor_bytes(tensor))
+    with pytest.raises(transport.WireError, match="dtype"):
+        tensors.describe(tensor, tensors.tensor_bytes(tensor))
 
 
 def test_a_negative_dimension_is_refused():
     header = tensor_pb2.TensorHeader(shape=[-2, -2], dtype="float32", num_bytes=16, crc32=0)
-    with pytest.raises(wire.WireError, match="negative"):
-        wire.TensorAssembler(header, max_bytes=UNLIMITED)
+    with pytest.raises(transport.WireError, match="negative"):
+        transport.TensorAssembler(header, max_bytes=UNLIMITED)
 
 
 def test_max_bytes_is_enforced_before_any_chunk_is_read():
@@ -155,9 +157,9 @@ def test_max_bytes_is_enforced_before_any_chunk_is_read():
         raise AssertionError("the chunks of a too-large tensor must not be read")
         yield b""  # pragma: no cover
 
-    with pytest.raises(wire.WireError, match="exceeds the limit"):
-        wire.assemble(header, never_read(), max_bytes=size - 1)
-    assert same_bits(wire.assemble(header, pieces, max_bytes=size), original)  # exactly at the limit is fine
+    with pytest.raises(transport.WireError, match="exceeds the limit"):
+        assemble(header, never_read(), max_bytes=size - 1)
+    assert same_bits(assemble(header, pieces, max_bytes=size), original)  # exactly at the limit is fine
 
 
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 300, (1 << 20) + 5, 3 * (1 << 20)])
@@ -167,20 +169,29 @@ def test_hand_written_chunk_messages_are_what_protobuf_writes_and_reads(size):
     payload = memoryview(bytes(i % 251 for i in range(size)))
     for message_cls, field in ((encoder_pb2.EncodeResponse, "chunk"), (llm_pb2.GenerateRequest, "visual_chunk")):
         number = message_cls.DESCRIPTOR.fields_by_name[field].number
-        written = list(wire.chunk_messages(payload, number))
+        written = list(transport.chunk_messages(payload, number))
         expected = [message_cls(**{field: tensor_pb2.TensorChunk(data=piece)}).SerializeToString()
-                    for piece in wire.chunks(payload)]
+                    for piece in map(bytes, transport.pieces(payload))]
         assert written == expected
-        assert b"".join(bytes(wire.chunk_data(message, number)) for message in written) == bytes(payload)
+        assert b"".join(bytes(transport.chunk_data(message, number)) for message in written) == bytes(payload)
     empty = encoder_pb2.EncodeResponse(chunk=tensor_pb2.TensorChunk()).SerializeToString()
-    assert bytes(wire.chunk_data(empty, 2)) == b""
+    assert bytes(transport.chunk_data(empty, 2)) == b""
 
 
 def test_chunk_data_refuses_other_messages():
     from protos.videollm.v1 import encoder_pb2
 
     header = encoder_pb2.EncodeResponse(header=encoder_pb2.EncodeHeader(model_id="m")).SerializeToString()
-    good = next(wire.chunk_messages(memoryview(b"abc"), 2))
+    good = next(transport.chunk_messages(memoryview(b"abc"), 2))
     for bad in (header, good[:-1], good + b"x", b"", b"\x12"):
-        with pytest.raises(wire.WireError):
-            wire.chunk_data(bad, 2)
+        with pytest.raises(transport.WireError):
+            transport.chunk_data(bad, 2)
+
+
+def test_the_gateway_frames_bytes_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, gateway.app, videollm.transport; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "[]"
