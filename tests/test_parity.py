@@ -71,7 +71,11 @@ def test_encoder_tokens_equal_get_video_features(encoder_service, full_model, fm
         reference = torch.cat([reference, full_model.model.image_newline[None]])
     assert list(header.tensor.shape) == [FRAMES * 196 + 1, full_model.config.text_config.hidden_size]
     assert header.frames_sampled == FRAMES
-    assert torch.equal(tokens, reference)
+    if encoder_service.engine.vision.device.type == "cpu":
+        assert torch.equal(tokens, reference)
+    else:  # CUDA kernels (compiled layers, graphs) round differently from the CPU reference, never more
+        difference = (tokens - reference).abs().max().item()
+        assert torch.allclose(tokens, reference, rtol=1e-3, atol=1e-3), f"max abs difference {difference}"
 
 
 def test_encoder_samples_frames_uniformly_over_the_whole_clip(encoder_service):
