@@ -219,6 +219,10 @@ class TokenCache:
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
+    @property
+    def writes_pending(self) -> int:
+        return len(self._writes)
+
     async def close(self) -> None:
         """Wait for the writes in progress."""
         for task in list(self._writes):

@@ -109,17 +109,26 @@ def llm_service(tiny_model_dir):
     server.stop(None)
 
 
+LIVE_GATEWAYS: set[GatewayServer] = set()
+
+
 class GatewayServer:
     """A real uvicorn server in a background thread."""
 
     def __init__(self, settings: GatewaySettings):
         self.settings = settings
         self.url = f"http://127.0.0.1:{settings.port}"
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.port, log_level="warning")
+        self.app = create_app(settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
+    def cache_writes_pending(self) -> int:
+        runtime = self.app.state.runtime
+        return runtime.pipeline.cache.writes_pending if hasattr(runtime, "pipeline") else 0
+
     def __enter__(self) -> GatewayServer:
+        LIVE_GATEWAYS.add(self)
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:
@@ -131,6 +140,7 @@ class GatewayServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(20)
+        LIVE_GATEWAYS.discard(self)
 
 
 def gateway_settings(encoders: list[str], llms: list[str], redis_url: str | None, **overrides) -> GatewaySettings:
@@ -149,6 +159,10 @@ def gateway(encoder_service, llm_service, redis_server):
 
 @pytest.fixture
 def clean_redis(redis_server):
+    # an earlier test's answer may still be writing its tokens to Redis in the background
+    deadline = time.monotonic() + 10
+    while any(gateway.cache_writes_pending() for gateway in list(LIVE_GATEWAYS)) and time.monotonic() < deadline:
+        time.sleep(0.01)
     client = redis_server.client()
     client.flushall()
     yield client
