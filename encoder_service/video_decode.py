@@ -18,7 +18,18 @@ import av
 import numpy as np
 
 
-_DECODE_THREADS = min(8, os.cpu_count() or 1)
+_CORES = os.cpu_count() or 1
+# One pool for the decoding of every request: concurrent requests queue for the cores instead of
+# each starting its own threads (16 requests x segments x FFmpeg threads would oversubscribe them).
+_POOL = ThreadPoolExecutor(max_workers=_CORES, thread_name_prefix="decode")
+
+
+def decoder_threads(segments: int) -> int:
+    """FFmpeg threads for each of `segments` keyframe segments decoded side by side: twice the
+    cores shared out over the segments (a thread of FFmpeg's frame threading often waits on the
+    frame it refers to, so an even share leaves cores idle), at least 1 and at most 8. The rule was
+    chosen by measuring it against an even share and a flat 8 (docs/bench/README.md)."""
+    return max(1, min(8, 2 * _CORES // max(1, segments)))
 
 
 class VideoError(ValueError):
@@ -84,7 +95,8 @@ def _scan(data: bytes) -> _Index:
     return _Index(len(pts), [pts[i] for i in order], keyframes)
 
 
-def _decode_segment(data: bytes, index: _Index, start: int, wanted: list[int]) -> dict[int, np.ndarray]:
+def _decode_segment(data: bytes, index: _Index, start: int, wanted: list[int],
+                    threads: int = 8) -> dict[int, np.ndarray]:
     """Decode from the keyframe at presentation index `start` until every index in `wanted` is found.
 
     Frames no other frame refers to are skipped unless wanted (FFmpeg's skip_frame, set per
@@ -97,9 +109,8 @@ def _decode_segment(data: bytes, index: _Index, start: int, wanted: list[int]) -
     with _open(data) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        # at most 8 threads: segments decode in parallel, and FFmpeg's default of one thread per core
-        # in every segment oversubscribes the cores (docs/bench/7b-h200-encoder-steps.md)
-        stream.thread_count = _DECODE_THREADS
+        # not FFmpeg's default of a thread per core: segments decode side by side (decoder_threads)
+        stream.thread_count = threads
         codec = stream.codec_context
         rank = {t: r for r, t in enumerate(index.pts)} if index.pts is not None else None
         if start > 0:
@@ -141,7 +152,7 @@ class KeyframeSegment:
 
     def decode(self) -> dict[int, np.ndarray]:
         """This segment alone, as decode_video decodes it: presentation index -> [H, W, 3] uint8 RGB."""
-        return _decode_segment(self.data, self.index, self.start, self.wanted)
+        return _decode_segment(self.data, self.index, self.start, self.wanted, decoder_threads(1))  # as if alone
 
 
 def keyframe_segments(data: bytes, num_frames: int) -> list[KeyframeSegment]:
@@ -153,16 +164,13 @@ def keyframe_segments(data: bytes, num_frames: int) -> list[KeyframeSegment]:
 
 
 def _decode_selected(data: bytes, index: _Index, indices: list[int]) -> dict[int, np.ndarray]:
-    """The frames at `indices`, decoded in parallel from the keyframes that precede them (one
-    thread per keyframe segment; FFmpeg releases the GIL while it decodes)."""
+    """The frames at `indices`, decoded in parallel from the keyframes that precede them, each
+    keyframe segment a task of the shared pool (FFmpeg releases the GIL while it decodes)."""
     segments = _segments(index, indices)
-    if len(segments) == 1:
-        ((start, wanted),) = segments.items()
-        return _decode_segment(data, index, start, wanted)
-    found: dict[int, np.ndarray] = {}
-    with ThreadPoolExecutor(max_workers=min(len(segments), _DECODE_THREADS)) as pool:
-        for part in pool.map(lambda item: _decode_segment(data, index, *item), segments.items()):
-            found.update(part)
+    threads = decoder_threads(len(segments))
+    found: dict[int, np.ndarray] = {}  # a lone segment goes through the pool too, so the pool bounds every decode
+    for part in _POOL.map(lambda item: _decode_segment(data, index, *item, threads), segments.items()):
+        found.update(part)
     return found
 
 
