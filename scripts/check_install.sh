@@ -12,8 +12,8 @@ if [ ! -x "$venv/bin/python" ]; then
   "${PYTHON:-python3}" -m venv "$venv"
 fi
 if ! "$venv/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
-  # the same builds as scripts/setup.sh (from the local wheel cache where there is one)
-  "$venv/bin/pip" install -q "torch==2.14.1" "torchvision==0.29.1"
+  # the same builds as scripts/setup.sh
+  "$venv/bin/pip" install -q -r scripts/torch-requirements.txt
 fi
 "$venv/bin/pip" install -q "$repo"
 cd "$(mktemp -d)"

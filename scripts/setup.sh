@@ -16,7 +16,6 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 if ! python -c "import torch, torchvision" >/dev/null 2>&1; then
-  # torchvision is needed by transformers' video processor; these two builds import together.
-  pip install -q "torch==2.14.1" "torchvision==0.29.1"
+  pip install -q -r scripts/torch-requirements.txt
 fi
 pip install -q -e ".[test]"

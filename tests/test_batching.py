@@ -153,26 +153,32 @@ def test_a_runner_refuses_a_prompt_longer_than_its_slot(llm_service):
         runner.prefill(0, torch.zeros(65, lm.hidden_size), 0)
 
 
+def failing_once(original, failures: list, message: str):
+    """A stand-in for `original` that raises RuntimeError(message) on its first call (recording that
+    call's arguments in `failures`) and behaves as the original afterwards."""
+
+    def wrapper(*args):
+        if not failures:
+            failures.append(args)
+            raise RuntimeError(message)
+        return original(*args)
+
+    return wrapper
+
+
 def test_a_failing_step_fails_its_requests_and_the_batcher_keeps_serving(endless, monkeypatch):
     """A device error in one decode step (caused here by a stand-in: it cannot be caused for real on
     the CPU) ends the requests in that step with the error; the next request is served normally."""
     engine = endless
     expected = run(engine, request_for(engine, 0, 8))[0]
-    original = engine.runner.decode
     failures = []
-
-    def failing_once(count, tokens):
-        if not failures:
-            failures.append(count)
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return original(count, tokens)
-
-    monkeypatch.setattr(engine.runner, "decode", failing_once)
+    monkeypatch.setattr(engine.runner, "decode", failing_once(engine.runner.decode, failures,
+                                                             "CUDA error: an illegal memory access was encountered"))
     with pytest.raises(RuntimeError, match="illegal memory access"):
         run(engine, request_for(engine, 0, 8))
     wait_until_idle(engine)
     assert run(engine, request_for(engine, 0, 8))[0] == expected
-    assert failures == [1]
+    assert [call[0] for call in failures] == [1]  # the step that failed held one sequence
 
 
 def test_the_batcher_ends_a_sequence_at_its_stop_string_without_waiting_for_the_consumer(endless):
@@ -206,16 +212,8 @@ def test_a_failing_detokenization_fails_its_request_and_the_batcher_keeps_servin
 
     engine = endless
     expected = run(engine, request_for(engine, 0, 8))[0]
-    original = TextOutput.add
     failures = []
-
-    def failing_once(self, token):
-        if not failures:
-            failures.append(token)
-            raise RuntimeError("the tokenizer failed")
-        return original(self, token)
-
-    monkeypatch.setattr(TextOutput, "add", failing_once)
+    monkeypatch.setattr(TextOutput, "add", failing_once(TextOutput.add, failures, "the tokenizer failed"))
     with pytest.raises(RuntimeError, match="the tokenizer failed"):
         run(engine, request_for(engine, 0, 8))
     wait_until_idle(engine)
