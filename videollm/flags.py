@@ -10,8 +10,6 @@ several services own (`--model`, `--max-concurrent`) sets it in each of them.
 from __future__ import annotations
 
 import argparse
-import functools
-import json
 import types
 import typing
 from dataclasses import dataclass
@@ -21,14 +19,18 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from videollm.settings import EncoderSettings, GatewaySettings, LLMSettings
+from videollm.settings import EncoderSettings, GatewaySettings, LLMSettings, split_list
 
 
 @dataclass(frozen=True)
 class Flag:
     path: tuple[str, ...]  # the field, e.g. ("compression", "retain_ratio")
-    field: FieldInfo
+    fields: tuple[FieldInfo, ...]  # the field in each owner's settings (one for a single service)
     owners: tuple[str, ...] = ()  # for `serve`: the services that own the setting
+
+    @property
+    def field(self) -> FieldInfo:
+        return self.fields[0]
 
     @property
     def dest(self) -> str:
@@ -62,16 +64,19 @@ def flags_of(settings_cls: type[BaseModel], exclude: frozenset[str] = frozenset(
         if _is_model(annotation):
             flags += flags_of(annotation, prefix=(*prefix, name))
         else:
-            flags.append(Flag((*prefix, name), field))
+            flags.append(Flag((*prefix, name), (field,)))
     return flags
 
 
-def _split(text: str, item_type: type) -> list:
-    """A list flag: comma-separated or JSON ('' is the empty list)."""
-    text = text.strip()
-    if text.startswith("["):
-        return json.loads(text)
-    return [item_type(item.strip()) for item in text.split(",") if item.strip()]
+def _default_text(flag: Flag) -> str:
+    """' (default: 8)', or each owner's default where they differ: ' (default: encoder 8, llm 64)'."""
+    shown = [",".join(map(str, f.default)) if isinstance(f.default, list) else str(f.default) for f in flag.fields
+             if f.default is not PydanticUndefined and f.repr]  # repr=False: a secret
+    if not shown:
+        return ""
+    if len(set(shown)) == 1:
+        return f" (default: {shown[0]})"
+    return f" (default: {', '.join(f'{owner} {value}' for owner, value in zip(flag.owners, shown))})"
 
 
 def add_flags(parser: argparse.ArgumentParser, flags: list[Flag]) -> None:
@@ -80,10 +85,7 @@ def add_flags(parser: argparse.ArgumentParser, flags: list[Flag]) -> None:
         help_text = flag.field.description or ""
         if flag.owners:
             help_text += f" [{', '.join(flag.owners)}]"
-        default = flag.field.default
-        if default is not PydanticUndefined and flag.field.repr:  # repr=False: a secret
-            shown = ",".join(map(str, default)) if isinstance(default, list) else default
-            help_text += f" (default: {shown})"
+        help_text += _default_text(flag)
         kwargs: dict = {"dest": flag.dest, "default": None, "help": help_text.strip() or None}
         origin = typing.get_origin(annotation)
         if annotation is bool:
@@ -91,7 +93,7 @@ def add_flags(parser: argparse.ArgumentParser, flags: list[Flag]) -> None:
         elif origin is typing.Literal:
             kwargs["choices"] = list(typing.get_args(annotation))
         elif origin is list:
-            kwargs["type"] = functools.partial(_split, item_type=typing.get_args(annotation)[0])
+            kwargs["type"] = split_list
             kwargs["metavar"] = "A,B,..."
         elif annotation in (int, float, str, Path):
             kwargs["type"] = annotation
@@ -137,6 +139,6 @@ def serve_flags() -> list[Flag]:
     for service, settings_cls in SERVICES.items():
         for flag in flags_of(settings_cls, exclude=SERVE_OWNS[service]):
             known = merged.get(flag.path)
-            merged[flag.path] = Flag(flag.path, known.field if known else flag.field,
+            merged[flag.path] = Flag(flag.path, (*(known.fields if known else ()), flag.field),
                                      (*(known.owners if known else ()), service))
     return list(merged.values())

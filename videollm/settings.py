@@ -198,7 +198,9 @@ class LLMSettings(_ServiceSettings):
     pull_timeout_s: float = Field(10.0, gt=0, description="longest wait for visual tokens pulled from an encoder")
 
 
-def _split_list(value):
+def split_list(value):
+    """A list setting given as text (a flag, a variable): a JSON list or comma-separated items; the
+    items' types are left to the field's validation."""
     if isinstance(value, str):
         value = value.strip()
         if value.startswith("["):
@@ -246,12 +248,12 @@ class GatewaySettings(BaseSettings):
     @field_validator("fetch_allow", mode="before")
     @classmethod
     def _networks(cls, value):
-        return _split_list(value)
+        return split_list(value)
 
     @field_validator("encoders", "llms", mode="before")
     @classmethod
     def _addresses(cls, value):
-        value = _split_list(value)
+        value = split_list(value)
         if not value:
             raise ValueError("give at least one address (host:port)")
         return value
@@ -259,7 +261,7 @@ class GatewaySettings(BaseSettings):
     @field_validator("api_keys", mode="before")
     @classmethod
     def _keys(cls, value):
-        keys = _split_list(value)
+        keys = split_list(value)
         for number, key in enumerate(keys or [], 1):
             # printable ASCII without spaces, so it can be sent as a Bearer token; the message never shows the key
             if not isinstance(key, str) or not key or not all("!" <= c <= "~" for c in key):
