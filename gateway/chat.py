@@ -14,13 +14,14 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from gateway.body import ChatRoute
 from gateway.errors import APIError
 from gateway.openai_format import Completion, sse, to_chat_request
 from gateway.requests import Outcome
 from gateway.runtime import Runtime
 from gateway.schemas import ChatCompletionRequest
 
-router = APIRouter()
+router = APIRouter(route_class=ChatRoute)
 
 
 @router.post("/v1/chat/completions")
@@ -35,7 +36,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     chat = await to_chat_request(body, rt.videos)
     chat.received_at = received_at
     chat.deadline = time.monotonic() + rt.settings.request_timeout_s
-    outcome = Outcome()
+    outcome = Outcome(arrived_at=request.state.arrived_at)
     completion = Completion(model, received_at)
     rt.enter()
     try:

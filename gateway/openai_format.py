@@ -168,8 +168,10 @@ def timings_object(outcome: Outcome, received_at: float) -> dict:
         "llm_queue": round(final.timings.queue_ms, 3) if final else None,
         # from the LLM call's start until the whole visual tensor arrived there and was checked
         "handoff": round(final.timings.receive_ms, 3) if final else None,
-        # the gateway's hops: request in -> Encode call (validation, hashing, cache lookup), the
+        # the gateway's hops: the body (received, parsed and validated before the route runs), then from
+        # the route ("request in") to the Encode call (the video's bytes, hashing, cache lookup), the
         # Encode call until its header (encoder and gRPC), request in -> Generate call
+        "body": _since(outcome.arrived_at, received_at),
         "gateway_in": _since(received_at, outcome.encode_called_at),
         "encode_call": _since(outcome.encode_called_at, outcome.encode_header_at),
         "to_llm_call": _since(received_at, outcome.llm_called_at),

@@ -87,6 +87,7 @@ class Outcome:
     final: llm_pb2.GenerateFinal | None = None
     first_token_at: float | None = None
     # time.perf_counter() marks of the gateway's own hops (None when the hop did not happen)
+    arrived_at: float | None = None  # the request's headers in, before its body was read and parsed
     encode_called_at: float | None = None  # Encode call made (a miss)
     encode_header_at: float | None = None  # its header arrived: the tokens exist
     llm_called_at: float | None = None  # Generate call made on the replica that answered
