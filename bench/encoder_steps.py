@@ -54,7 +54,7 @@ def _decode_rows(clip: bytes, frames: int, repeats: int) -> list[dict]:
 
     limits = video_decode.VideoLimits(len(clip), 1e9, 1 << 40)
     rows = []
-    for segment in video_decode.keyframe_segments(clip, frames):
+    for segment in video_decode.keyframe_runs(clip, frames):
         ms = median_ms(segment.decode, repeats)
         rows.append({"decoded": f"segment from frame {segment.start} alone ({len(segment.wanted)} frames sampled)",
                      "wall_ms": ms})

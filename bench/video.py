@@ -20,7 +20,11 @@ CONTAINERS = {  # format -> (container format, codec, pixel format)
     "mp4": ("mp4", "libx264", "yuv420p"),
     "mp4-lossless": ("mp4", "libx264", "yuv444p"),  # with qp 0: decodes to exactly the frames given
     "webm": ("webm", "libvpx", "yuv420p"),
+    "webm-vp9": ("webm", "libvpx-vp9", "yuv420p"),
+    "mp4-hevc": ("mp4", "libx265", "yuv420p"),  # x265 makes open GOPs unless told otherwise
+    "avi-mjpeg": ("avi", "mjpeg", "yuvj420p"),  # intra only, as some cameras record
     "mov": ("mov", "libx264", "yuv420p"),
+    "ts": ("mpegts", "libx264", "yuv420p"),  # H.264 as a byte stream (start codes), not length-prefixed
     "avi": ("avi", "mpeg4", "yuv420p"),
 }
 WIDTH, HEIGHT, FPS, SCENE_SECONDS = 640, 360, 24, 6

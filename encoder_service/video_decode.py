@@ -1,9 +1,19 @@
 """Container bytes -> T RGB frames sampled uniformly over the whole clip (PyAV / FFmpeg).
 
 Frame indices are `floor(linspace(0, n_frames - 1, T))`, as LLaVA-OneVision's evaluation samples
-them. Only the sampled frames are converted to RGB; the rest are decoded and dropped. Frames
-after different keyframes are decoded in parallel, each run starting at its keyframe. Limits on
-size, duration and frame pixels are checked from the container before any frame is decoded.
+them. The frames are exactly those of a plain sequential decode; the work to get them is cut
+three ways:
+- The container is opened and demuxed once. Its stream probe decodes no frame (FFmpeg's stream
+  probe otherwise decodes several, ~40 ms at 1080p), and the packets are kept in memory.
+- The sampled frames are grouped by the keyframe that precedes them. Each group (a run) is
+  decoded by a decoder of its own, fed the kept packets from its keyframe on; the runs of every
+  request share one pool of as many workers as cores, longest first.
+- Frames no other frame refers to are not reconstructed unless sampled (FFmpeg's skip_frame, set
+  per packet), and only the sampled frames are converted to RGB.
+Runs start only at keyframes that are clean entry points (entry_points.py: not H.264's recovery
+points); where a decoder still returns too few frames (a damaged GOP), the run is decoded again
+from the keyframe before it. Limits on size,
+duration and frame pixels are checked from the container's header before any packet is read.
 """
 
 from __future__ import annotations
@@ -17,19 +27,21 @@ from dataclasses import dataclass, field
 import av
 import numpy as np
 
+from encoder_service.entry_points import clean_entry
+
 
 _CORES = os.cpu_count() or 1
 # One pool for the decoding of every request: concurrent requests queue for the cores instead of
-# each starting its own threads (16 requests x segments x FFmpeg threads would oversubscribe them).
+# each starting its own threads (16 requests x runs x FFmpeg threads would oversubscribe them).
 _POOL = ThreadPoolExecutor(max_workers=_CORES, thread_name_prefix="decode")
 
 
-def decoder_threads(segments: int) -> int:
-    """FFmpeg threads for each of `segments` keyframe segments decoded side by side: twice the
-    cores shared out over the segments (a thread of FFmpeg's frame threading often waits on the
-    frame it refers to, so an even share leaves cores idle), at least 1 and at most 8. The rule was
-    chosen by measuring it against an even share and a flat 8 (docs/bench/README.md)."""
-    return max(1, min(8, 2 * _CORES // max(1, segments)))
+def decoder_threads(runs: int) -> int:
+    """FFmpeg threads for each of `runs` keyframe runs decoded side by side: twice the cores shared
+    out over the runs (a thread of FFmpeg's frame threading often waits on the frame it refers
+    to, so an even share leaves cores idle), at least 1 and at most 8. The rule was chosen by
+    measuring it against an even share and a flat 8 (docs/bench/README.md)."""
+    return max(1, min(8, 2 * _CORES // max(1, runs)))
 
 
 class VideoError(ValueError):
@@ -58,7 +70,9 @@ def sample_indices(n_frames: int, num_samples: int) -> list[int]:
 
 def _open(data: bytes):
     try:
-        container = av.open(io.BytesIO(data), mode="r")
+        # skip_frame "all" while FFmpeg probes the streams: the probe learns the size and rate
+        # from the headers instead of decoding frames (4 against 42 ms for a 1080p clip)
+        container = av.open(io.BytesIO(data), mode="r", options={"skip_frame": "all"})
     except (av.FFmpegError, ValueError, OSError) as err:
         raise VideoError(f"could not read the video container: {err}") from err
     if not container.streams.video:
@@ -68,110 +82,178 @@ def _open(data: bytes):
 
 
 @dataclass(frozen=True)
-class _Index:
-    """What one demux pass (no decoding) learns: frame count, presentation times, keyframes."""
-
-    frames: int
-    pts: list[int] | None  # presentation time of each frame in presentation order; None when not usable
-    keyframes: list[int]  # presentation indices where decoding can start
-
-
-def _scan(data: bytes) -> _Index:
-    pts, keys = [], []
-    with _open(data) as container:
-        stream = container.streams.video[0]
-        try:
-            for packet in container.demux(stream):
-                if packet.size > 0:
-                    pts.append(packet.pts)
-                    keys.append(packet.is_keyframe)
-        except av.FFmpegError as err:
-            raise VideoError(f"the video is corrupt or truncated: {err}") from err
-    if None in pts or len(set(pts)) != len(pts):  # no usable timestamps: decode from the start only
-        return _Index(len(pts), None, [0])
-    order = sorted(range(len(pts)), key=pts.__getitem__)  # decode order -> presentation order
-    rank = {pts[i]: r for r, i in enumerate(order)}
-    keyframes = sorted({rank[pts[i]] for i, key in enumerate(keys) if key} | {0})
-    return _Index(len(pts), [pts[i] for i in order], keyframes)
+class _Header:
+    width: int
+    height: int
+    fps: float
+    duration_s: float  # 0 when the container does not say
 
 
-def _decode_segment(data: bytes, index: _Index, start: int, wanted: list[int],
-                    threads: int = 8) -> dict[int, np.ndarray]:
-    """Decode from the keyframe at presentation index `start` until every index in `wanted` is found.
-
-    Frames no other frame refers to are skipped unless wanted (FFmpeg's skip_frame, set per
-    packet): the frames kept are bit for bit those of a full decode, for less CPU time, since
-    unreferenced frames that are not sampled are never reconstructed (the saving on the benchmark
-    clip is in docs/bench/7b-h200-encoder-steps.md).
-    """
-    found: dict[int, np.ndarray] = {}
-    wanted_set = set(wanted)
-    with _open(data) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        # not FFmpeg's default of a thread per core: segments decode side by side (decoder_threads)
-        stream.thread_count = threads
-        codec = stream.codec_context
-        rank = {t: r for r, t in enumerate(index.pts)} if index.pts is not None else None
-        if start > 0:
-            container.seek(index.pts[start], stream=stream, backward=True, any_frame=False)
-        position = start
-        try:
-            for packet in container.demux(stream):
-                if rank is not None and packet.size > 0:
-                    codec.skip_frame = "DEFAULT" if rank.get(packet.pts, -1) in wanted_set else "NONREF"
-                for frame in codec.decode(packet):
-                    at = rank.get(frame.pts, -1) if rank is not None else position
-                    position += 1
-                    if at in wanted_set and at not in found:
-                        found[at] = frame.to_ndarray(format="rgb24")  # [H, W, 3]
-                    if len(found) == len(wanted) or at > wanted[-1]:
-                        return found
-        except av.FFmpegError as err:
-            raise VideoError(f"the video is corrupt or truncated: {err}") from err
-    return found
-
-
-def _segments(index: _Index, indices: list[int]) -> dict[int, list[int]]:
-    """Keyframe (presentation index) -> the wanted indices decoded from it, in order."""
-    segments: dict[int, list[int]] = {}
-    for wanted in sorted(set(indices)):
-        start = index.keyframes[bisect.bisect_right(index.keyframes, wanted) - 1]
-        segments.setdefault(start, []).append(wanted)
-    return segments
+def _header(container) -> _Header:
+    stream = container.streams.video[0]
+    if stream.duration is not None and stream.time_base is not None:
+        duration = float(stream.duration * stream.time_base)
+    else:
+        duration = (container.duration or 0) / av.time_base
+    return _Header(stream.codec_context.width, stream.codec_context.height,
+                   float(stream.average_rate or stream.guessed_rate or 0.0), duration)
 
 
 @dataclass(frozen=True)
-class KeyframeSegment:
+class _Index:
+    """What the one demux pass learns and keeps: the packets, the frame order, the keyframes."""
+
+    codec: av.Codec = field(repr=False)
+    extradata: bytes | None = field(repr=False)  # the decoder's setup (H.264's avcC, ...)
+    width: int
+    height: int
+    packets: list = field(repr=False)  # [av.Packet] in decode order, empty ones dropped
+    pts: list[int] | None  # presentation time of each frame in presentation order; None when not usable
+    keyframes: list[int]  # presentation indices where decoding can start
+    entry: dict[int, int]  # keyframe's presentation index -> its packet's position in decode order
+
+    @property
+    def frames(self) -> int:
+        return len(self.packets)
+
+
+def _demux(container) -> _Index:
+    stream = container.streams.video[0]
+    try:
+        packets = [packet for packet in container.demux(stream) if packet.size > 0]
+    except av.FFmpegError as err:
+        raise VideoError(f"the video is corrupt or truncated: {err}") from err
+    codec = stream.codec_context
+    pts = [packet.pts for packet in packets]
+    if None in pts or len(set(pts)) != len(pts):  # no usable timestamps: decode from the start only
+        return _Index(codec.codec, codec.extradata, codec.width, codec.height, packets, None, [0], {0: 0})
+    order = sorted(range(len(pts)), key=pts.__getitem__)  # decode order -> presentation order
+    rank = {pts[i]: r for r, i in enumerate(order)}
+    entry = {rank[pts[i]]: i for i, packet in enumerate(packets)
+             if packet.is_keyframe and clean_entry(codec.name, codec.extradata, bytes(packet))}
+    entry.setdefault(0, 0)  # the first frame is always reached from the first packet
+    return _Index(codec.codec, codec.extradata, codec.width, codec.height, packets,
+                  [pts[i] for i in order], sorted(entry), entry)
+
+
+def _decoder(index: _Index, threads: int):
+    """A decoder of its own for one run, set up as the container's stream would set it up."""
+    decoder = av.CodecContext.create(index.codec, "r")
+    if index.extradata:
+        decoder.extradata = index.extradata
+    decoder.width, decoder.height = index.width, index.height
+    decoder.thread_type = "AUTO"
+    decoder.thread_count = threads  # not FFmpeg's default of a thread per core: runs decode side by side
+    return decoder
+
+
+def _decode_run(index: _Index, start: int, wanted: list[int], threads: int = 8) -> dict[int, np.ndarray]:
+    """Feed a new decoder the packets from the keyframe at presentation index `start` on, until every
+    index in `wanted` (sorted) is found: presentation index -> [H, W, 3] uint8 RGB.
+
+    Frames no other frame refers to are skipped unless wanted: the frames kept are bit for bit
+    those of a full decode, for less CPU time, since unreferenced frames that are not sampled are
+    never reconstructed (the saving on a phone clip is in docs/bench/README.md).
+    """
+    found: dict[int, np.ndarray] = {}
+    wanted_set = set(wanted)
+    rank = {t: r for r, t in enumerate(index.pts)} if index.pts is not None else None
+    decoder = _decoder(index, threads)
+    position = start  # without timestamps (start is 0): frames come out in presentation order
+
+    def take(frames) -> bool:
+        nonlocal position
+        for frame in frames:
+            at = rank.get(frame.pts, -1) if rank is not None else position
+            position += 1
+            if at in wanted_set and at not in found:
+                found[at] = frame.to_ndarray(format="rgb24")  # [H, W, 3]
+            if len(found) == len(wanted) or at > wanted[-1]:
+                return True
+        return False
+
+    try:
+        for packet in index.packets[index.entry[start]:]:
+            if rank is not None:
+                decoder.skip_frame = "DEFAULT" if rank[packet.pts] in wanted_set else "NONREF"
+            if take(decoder.decode(packet)):
+                return found
+        take(decoder.decode(None))  # the end of the stream: the frames the decoder still holds
+    except av.FFmpegError as err:
+        raise VideoError(f"the video is corrupt or truncated: {err}") from err
+    return found
+
+
+def _decode_from_clean_entry(index: _Index, start: int, wanted: list[int], threads: int) -> dict[int, np.ndarray]:
+    """`_decode_run`, started again from the keyframe before while frames are missing or the
+    decoder fails (a damaged or mislabelled keyframe: HEVC and MPEG-4 decoders return nothing from
+    a frame that is not one, VP8 and VP9 fail); from keyframe 0 it is a sequential decode, whose
+    errors are the video's."""
+    at = index.keyframes.index(start)
+    found: dict[int, np.ndarray] = {}
+    while True:
+        missing = [i for i in wanted if i not in found]
+        try:
+            found.update(_decode_run(index, index.keyframes[at], missing, threads))
+        except VideoError:
+            if at == 0:
+                raise
+        if len(found) == len(wanted) or at == 0:
+            return found
+        at -= 1
+
+
+def _runs(index: _Index, indices: list[int]) -> dict[int, list[int]]:
+    """Keyframe (presentation index) -> the wanted indices decoded from it, in order."""
+    runs: dict[int, list[int]] = {}
+    for wanted in sorted(set(indices)):
+        start = index.keyframes[bisect.bisect_right(index.keyframes, wanted) - 1]
+        runs.setdefault(start, []).append(wanted)
+    return runs
+
+
+@dataclass(frozen=True)
+class KeyframeRun:
     """One keyframe's share of `decode_video`'s work: the sampled frames decoded from that keyframe."""
 
     start: int  # presentation index of the keyframe
     wanted: list[int]  # the sampled presentation indices decoded from it, in order
-    data: bytes = field(repr=False)
     index: _Index = field(repr=False)
 
     def decode(self) -> dict[int, np.ndarray]:
-        """This segment alone, as decode_video decodes it: presentation index -> [H, W, 3] uint8 RGB."""
-        return _decode_segment(self.data, self.index, self.start, self.wanted, decoder_threads(1))  # as if alone
+        """This run alone, as decode_video decodes it: presentation index -> [H, W, 3] uint8 RGB."""
+        return _decode_from_clean_entry(self.index, self.start, self.wanted, decoder_threads(1))  # as if alone
 
 
-def keyframe_segments(data: bytes, num_frames: int) -> list[KeyframeSegment]:
-    """The keyframe segments that decode_video decodes in parallel for `num_frames` sampled frames
-    (no limits are checked; the benchmark times each segment alone)."""
-    index = _scan(data)
-    segments = _segments(index, sample_indices(index.frames, num_frames))
-    return [KeyframeSegment(start, wanted, data, index) for start, wanted in segments.items()]
+def _index_of(data: bytes) -> _Index:
+    with _open(data) as container:
+        return _demux(container)
 
 
-def _decode_selected(data: bytes, index: _Index, indices: list[int]) -> dict[int, np.ndarray]:
-    """The frames at `indices`, decoded in parallel from the keyframes that precede them, each
-    keyframe segment a task of the shared pool (FFmpeg releases the GIL while it decodes)."""
-    segments = _segments(index, indices)
-    threads = decoder_threads(len(segments))
-    found: dict[int, np.ndarray] = {}  # a lone segment goes through the pool too, so the pool bounds every decode
-    for part in _POOL.map(lambda item: _decode_segment(data, index, *item, threads), segments.items()):
+def keyframe_runs(data: bytes, num_frames: int) -> list[KeyframeRun]:
+    """The keyframe runs that decode_video decodes in parallel for `num_frames` sampled frames
+    (no limits are checked; the benchmark times each run alone)."""
+    index = _index_of(data)
+    runs = _runs(index, sample_indices(index.frames, num_frames))
+    return [KeyframeRun(start, wanted, index) for start, wanted in runs.items()]
+
+
+def _decode_selected(index: _Index, indices: list[int]) -> dict[int, np.ndarray]:
+    """The frames at `indices`, decoded in parallel from the keyframes that precede them, each run
+    a task of the shared pool (FFmpeg releases the GIL while it decodes). The runs that feed the
+    most packets go first, so that the longest does not start last."""
+    runs = sorted(_runs(index, indices).items(), key=lambda run: _packets_fed(index, *run), reverse=True)
+    threads = decoder_threads(len(runs))
+    found: dict[int, np.ndarray] = {}  # a lone run goes through the pool too, so the pool bounds every decode
+    for part in _POOL.map(lambda run: _decode_from_clean_entry(index, *run, threads), runs):
         found.update(part)
     return found
+
+
+def _packets_fed(index: _Index, start: int, wanted: list[int]) -> int:
+    """About how many packets a run feeds its decoder: from its keyframe to the last wanted frame
+    in presentation order (B-frames can sit a few packets on either side in decode order)."""
+    return wanted[-1] - start
 
 
 def decode_video(data: bytes, num_frames: int, limits: VideoLimits) -> DecodedVideo:
@@ -180,29 +262,20 @@ def decode_video(data: bytes, num_frames: int, limits: VideoLimits) -> DecodedVi
     if len(data) > limits.max_bytes:
         raise VideoError(f"the video is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
     with _open(data) as container:
-        stream = container.streams.video[0]
-        width, height = stream.codec_context.width, stream.codec_context.height
-        fps = float(stream.average_rate or stream.guessed_rate or 0.0)
-        if stream.duration is not None and stream.time_base is not None:
-            duration = float(stream.duration * stream.time_base)
-        else:
-            duration = (container.duration or 0) / av.time_base
-    if width * height > limits.max_frame_pixels:
-        raise VideoError(
-            f"frames of {width}x{height} exceed the limit of {limits.max_frame_pixels} pixels per frame"
-        )
-    if duration > limits.max_duration_s:
-        raise VideoError(f"the video lasts {duration:.0f} s; the limit is {limits.max_duration_s:.0f} s")
-
-    index = _scan(data)
+        header = _header(container)
+        if header.width * header.height > limits.max_frame_pixels:
+            raise VideoError(f"frames of {header.width}x{header.height} exceed the limit of "
+                             f"{limits.max_frame_pixels} pixels per frame")
+        if header.duration_s > limits.max_duration_s:
+            raise VideoError(f"the video lasts {header.duration_s:.0f} s; the limit is {limits.max_duration_s:.0f} s")
+        index = _demux(container)
     if index.frames == 0:
         raise VideoError("the video has no decodable frames")
     indices = sample_indices(index.frames, num_frames)
-    found = _decode_selected(data, index, indices)
-    if len(found) < len(set(indices)):  # a seek landed badly: decode once more from the start
-        found = _decode_segment(data, _Index(index.frames, index.pts, [0]), 0, sorted(set(indices)))
+    found = _decode_selected(index, indices)
     if len(found) < len(set(indices)):
         raise VideoError("the video is corrupt or truncated: frames could not be decoded")
-    if duration <= 0 and fps > 0:
-        duration = index.frames / fps
-    return DecodedVideo(np.stack([found[i] for i in indices]), indices, index.frames, fps, duration)
+    duration = header.duration_s
+    if duration <= 0 and header.fps > 0:
+        duration = index.frames / header.fps
+    return DecodedVideo(np.stack([found[i] for i in indices]), indices, index.frames, header.fps, duration)

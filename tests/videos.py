@@ -7,7 +7,7 @@ import numpy as np
 
 from bench.video import encode, moving_frames
 
-__all__ = ["encode", "make_scene_cut_video", "make_still_video", "make_video", "moving_frames", "scene_cut_frames",
+__all__ = ["encode", "make_scene_cut_video", "make_still_video", "make_vfr_video", "make_video", "moving_frames", "scene_cut_frames",
            "still_frames"]
 
 
@@ -33,3 +33,28 @@ def make_still_video(fmt: str = "mp4", n_frames: int = 32) -> bytes:
 
 def make_scene_cut_video(scenes: int = 4, per_scene: int = 12, fmt: str = "mp4") -> bytes:
     return encode(scene_cut_frames(scenes, per_scene), fmt)
+
+
+def make_vfr_video(frames: np.ndarray, gaps_ms: list[int]) -> bytes:
+    """A variable-frame-rate MP4 (as phones record in low light): frame i is shown gaps_ms[i % len]
+    milliseconds after frame i - 1; H.264 with B-frames, so decode order differs from presentation."""
+    import io
+    from fractions import Fraction
+
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=30, options={"g": "10", "bf": "2"})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        pts = 0
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            pts += gaps_ms[i % len(gaps_ms)]
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()

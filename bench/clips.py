@@ -1,0 +1,191 @@
+"""The benchmark's clips, by name: the 360p scene clip and footage like a phone's at 720p and 1080p.
+
+Every clip is generated (no file to download) and deterministic: the same name gives the same
+bytes on any machine with the same FFmpeg build (x264's thread count is fixed, since its output
+depends on it). Long clips take a while to encode, so `clip()` keeps them in a cache directory.
+
+Phone footage is what product backends send: H.264 High profile with B-frames, 30 fps, a fixed
+GOP of 1-2 s (phones do not cut GOPs at scene changes), and about the bitrate a phone records at
+(16 Mbit/s at 1080p, 8 Mbit/s at 720p). The content is a handheld camera panning and pushing in
+over a textured scene with objects crossing it and sensor grain: decoding cost follows the
+bitrate and the motion, and a clip of flat colours would decode several times faster than
+real footage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+
+from bench.video import benchmark_clip
+
+
+@dataclass(frozen=True)
+class PhoneClip:
+    width: int
+    height: int
+    seconds: float
+    fps: int = 30
+    gop_s: float = 2.0
+    bitrate_mbps: float = 16.0
+    grain: int = 3  # sensor noise, +-grain levels of luma
+
+    @property
+    def frames(self) -> int:
+        return round(self.seconds * self.fps)
+
+
+CLIPS: dict[str, PhoneClip | None] = {  # None: the 360p scene clip of bench/video.py
+    "360p": None,
+    "1080p-30s": PhoneClip(1920, 1080, 30.0, gop_s=2.0, bitrate_mbps=16.0),
+    "720p-2min": PhoneClip(1280, 720, 120.0, gop_s=1.0, bitrate_mbps=8.0),
+}
+X264_THREADS = "8"  # fixed: x264's output depends on its thread count
+
+
+def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:
+    """[height, width] float32 in about [-1, 1]: random values on a grid of `cells` columns,
+    bilinearly interpolated (a texture whose detail is `width / cells` pixels)."""
+    rows = max(2, cells * height // width)
+    grid = rng.standard_normal((rows + 1, cells + 1)).astype(np.float32)
+    ys = np.linspace(0, rows, height, dtype=np.float32)
+    xs = np.linspace(0, cells, width, dtype=np.float32)
+    y0, x0 = np.minimum(ys.astype(int), rows - 1), np.minimum(xs.astype(int), cells - 1)
+    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+    top = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x0 + 1] * fx
+    bottom = grid[y0 + 1][:, x0] * (1 - fx) + grid[y0 + 1][:, x0 + 1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _world(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A scene larger than the frame, as Y [height, width] and U, V [height/2, width/2] uint8 planes:
+    smooth shading, texture at several scales and hard-edged shapes (buildings, signs)."""
+    luma = sum(_smooth_noise(rng, height, width, cells) * weight
+               for cells, weight in ((4, 50.0), (24, 25.0), (160, 12.0), (width // 6, 6.0)))
+    for _ in range(60):  # hard edges: what costs bits and decode time in real footage
+        y, x = rng.integers(0, height - 40), rng.integers(0, width - 40)
+        h, w = rng.integers(20, height // 4), rng.integers(20, width // 8)
+        luma[y : y + h, x : x + w] += rng.uniform(-60, 60)
+    luma = np.clip(luma + 120, 16, 235).astype(np.uint8)
+    chroma = [np.clip(_smooth_noise(rng, height // 2, width // 2, cells) * 30 + 128, 16, 240).astype(np.uint8)
+              for cells in (6, 9)]
+    return luma, chroma[0], chroma[1]
+
+
+def _phone_frames(spec: PhoneClip, seed: int = 0):
+    """yuv420p frames of a handheld camera over `_world`: a slow pan along a path, a push-in and
+    back, a shake of a few pixels, objects crossing the frame, and grain; [H * 3 / 2, W] uint8 each."""
+    rng = np.random.default_rng(seed)
+    width, height = spec.width, spec.height
+    world_w, world_h = int(width * 2.2) // 2 * 2, int(height * 1.6) // 2 * 2
+    luma, u_plane, v_plane = _world(rng, world_h, world_w)
+    grain = rng.integers(-spec.grain, spec.grain + 1, size=(8, height + 64, width + 64), dtype=np.int16)
+    movers = [(rng.integers(60, height // 3), rng.integers(80, width // 4), rng.uniform(-9, 9), rng.uniform(-3, 3),
+               rng.integers(30, 220), rng.integers(0, 4 * width)) for _ in range(5)]
+    shake = np.cumsum(rng.normal(0, 1.2, size=(spec.frames, 2)), axis=0)
+    shake -= np.linspace(0, 1, spec.frames)[:, None] * shake[-1]  # drifts back: the path stays in the world
+    for t in range(spec.frames):
+        phase = t / spec.frames
+        x = int((world_w - width) * (0.5 - 0.45 * np.cos(2 * np.pi * phase)) + shake[t, 0] * 2) // 2 * 2
+        y = int((world_h - height) * (0.5 + 0.4 * np.sin(4 * np.pi * phase)) + shake[t, 1] * 2) // 2 * 2
+        x, y = min(max(x, 0), world_w - width), min(max(y, 0), world_h - height)
+        frame = np.empty((height * 3 // 2, width), dtype=np.uint8)
+        y_plane = luma[y : y + height, x : x + width].astype(np.int16)
+        for h, w, vx, vy, shade, x0 in movers:  # objects crossing the frame, not the world
+            left = int(x0 + vx * t) % (width + w) - w
+            top = int(height / 3 + vy * t) % (height - h)
+            y_plane[top : top + h, max(0, left) : max(0, left + w)] = shade
+        gy, gx = (7 * t) % 64, (13 * t) % 64
+        y_plane += grain[t % 8, gy : gy + height, gx : gx + width]
+        frame[:height] = np.clip(y_plane, 0, 255)
+        cu = u_plane[y // 2 : y // 2 + height // 2, x // 2 : x // 2 + width // 2]
+        cv = v_plane[y // 2 : y // 2 + height // 2, x // 2 : x // 2 + width // 2]
+        frame[height:] = np.concatenate([cu, cv], axis=1).reshape(height // 2, width)
+        yield frame
+
+
+def encode_phone_clip(spec: PhoneClip, seed: int = 0) -> bytes:
+    """The clip as a phone records it: MP4, H.264 High profile, B-frames, a fixed GOP, a target bitrate."""
+    rate = f"{spec.bitrate_mbps}M"
+    options = {"profile": "high", "preset": "veryfast", "bf": "3", "g": str(round(spec.gop_s * spec.fps)),
+               "b": rate, "maxrate": rate, "bufsize": f"{2 * spec.bitrate_mbps}M", "threads": X264_THREADS,
+               "x264-params": "scenecut=0:b-pyramid=normal"}
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=spec.fps, options=options)
+        stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, "yuv420p"
+        for planes in _phone_frames(spec, seed):
+            frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("VIDEOLLM_BENCH_CLIPS", Path.home() / ".cache" / "videollm-bench"))
+
+
+def clip(name: str, cache_dir: Path | None = None) -> bytes:
+    """The named clip's bytes, generated once and then read from `cache_dir` (default
+    $VIDEOLLM_BENCH_CLIPS or ~/.cache/videollm-bench)."""
+    if name not in CLIPS:
+        raise ValueError(f"no clip named {name!r}; the clips are {', '.join(CLIPS)}")
+    spec = CLIPS[name]
+    if spec is None:
+        return benchmark_clip()
+    # the file name carries the spec and the FFmpeg build, so a changed generator never reads a stale file
+    tag = hashlib.sha256(f"{spec}{X264_THREADS}{av.library_versions}{_GENERATOR_VERSION}".encode()).hexdigest()[:12]
+    path = (cache_dir or _cache_dir()) / f"{name}-{tag}.mp4"
+    if path.exists():
+        return path.read_bytes()
+    data = encode_phone_clip(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.part")
+    partial.write_bytes(data)
+    partial.replace(path)  # atomic: a concurrent reader never sees half a file
+    return data
+
+
+_GENERATOR_VERSION = 1  # bump when _phone_frames or encode_phone_clip change what they make
+
+
+def describe(data: bytes) -> dict:
+    """What a clip is, read back from its bytes: size, resolution, frames, duration, bitrate, GOP."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        keys = frames = 0
+        for packet in container.demux(stream):
+            if packet.size:
+                frames += 1
+                keys += packet.is_keyframe
+        duration = float(stream.duration * stream.time_base) if stream.duration else frames / float(stream.average_rate)
+        return {"bytes": len(data), "width": stream.codec_context.width, "height": stream.codec_context.height,
+                "codec": stream.codec_context.name, "profile": stream.codec_context.profile, "frames": frames,
+                "duration_s": round(duration, 2), "keyframes": keys,
+                "mbit_per_s": round(len(data) * 8 / duration / 1e6, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="generate the benchmark's clips (cached) and describe them")
+    parser.add_argument("names", nargs="*", default=list(CLIPS), help=f"clips, of {', '.join(CLIPS)}")
+    parser.add_argument("--out", type=Path, help="also write each clip to this directory")
+    args = parser.parse_args()
+    for name in args.names:
+        data = clip(name)
+        print(name, describe(data))
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"{name}.mp4").write_bytes(data)
+
+
+if __name__ == "__main__":
+    main()
