@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from gateway.errors import bad_request
 from gateway.requests import ChatRequest, Outcome, VideoRequest
-from gateway.schemas import ChatCompletionRequest, ChatMessage, TextPart, VideoPart
+from gateway.schemas import ChatCompletionRequest, ChatMessage, TextPart, VideoPart, VideoURL
 from gateway.videos import VideoSources
 from protos.videollm.v1 import encoder_pb2, llm_pb2
 from videollm.proto_mapping import compression_from_proto, inner_to_proto
@@ -31,14 +31,14 @@ async def to_chat_request(body: ChatCompletionRequest, videos: VideoSources) -> 
     if video_url is not None:
         options = body.videollm
         overrides = options.compression.encoder_fields() if options.compression else {}
-        video = VideoRequest(await videos.resolve(video_url), options.num_frames, overrides)
+        video = VideoRequest(await videos.resolve(video_url.url, video_url.payload), options.num_frames, overrides)
     elif any(value is not None for value in body.videollm.model_dump().values()):
         raise bad_request("videollm options need a video_url content part", "videollm")
     inner = body.videollm.inner_compression
     return ChatRequest(messages, sampling_params(body), video, inner_to_proto(inner) if inner is not None else None)
 
 
-def prompt_messages(messages: list[ChatMessage]) -> tuple[list[llm_pb2.ChatMessage], str | None]:
+def prompt_messages(messages: list[ChatMessage]) -> tuple[list[llm_pb2.ChatMessage], VideoURL | None]:
     """The LLM's messages (a video part becomes the video's place in the prompt) and the video's URL."""
     out, video_url = [], None
     for message in messages:
@@ -52,7 +52,7 @@ def prompt_messages(messages: list[ChatMessage]) -> tuple[list[llm_pb2.ChatMessa
             elif isinstance(part, VideoPart):
                 if video_url is not None:
                     raise bad_request("at most one video per request is supported", "messages")
-                video_url = part.video_url.url
+                video_url = part.video_url
                 converted.content.add(video=True)
         out.append(converted)
     return out, video_url

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model
 from pydantic.fields import FieldInfo
 
 from videollm.settings import CompressionSettings, InnerCompressionSettings
@@ -19,6 +19,16 @@ class TextPart(BaseModel):
 
 class VideoURL(BaseModel):
     url: str = Field(description="a data:video/...;base64, URL or the id returned by POST /v1/videos")
+    _payload: memoryview | None = PrivateAttr(None)
+
+    @property
+    def payload(self) -> memoryview | None:
+        """An inline data URL's base64 payload when the body parser left it in the request's bytes
+        (gateway/body.py); `url` then ends with ";base64,"."""
+        return self._payload
+
+    def leave_payload_in_body(self, url: str, payload: memoryview) -> None:
+        self.url, self._payload = url, payload
 
 
 class VideoPart(BaseModel):

@@ -8,13 +8,14 @@ and in a small in-process LRU, so that uploads keep working while Redis is down.
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import hashlib
 import io
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
+
+import pybase64
 
 from gateway.cache import RedisStore
 from gateway.errors import APIError, bad_request
@@ -42,18 +43,21 @@ def too_large(size: int, limit: int) -> APIError:
     return APIError(413, f"the video is {size} bytes; the limit is {limit} bytes", code="video_too_large")
 
 
-def decode_data_url(url: str, max_bytes: int) -> Video:
+def decode_data_url(url: str, max_bytes: int, payload: memoryview | None = None) -> Video:
+    """payload: the base64 text when the body parser left it in the request's bytes (`url` then ends
+    with ";base64,")."""
     match = DATA_URL.match(url)
     if match is None or not match.group("b64"):
         raise bad_request("malformed data URL: expected data:video/<type>;base64,<data>", "messages")
     mime = (match.group("mime") or "").lower()
     if not (mime.startswith("video/") or mime == "application/octet-stream"):
         raise bad_request(f"the data URL's media type must be video/*, got {mime or 'none'!r}", "messages")
-    encoded = url[match.end() :]
+    encoded = url[match.end() :] if payload is None else payload
     if len(encoded) * 3 // 4 > max_bytes + 3:
         raise too_large(len(encoded) * 3 // 4, max_bytes)
     try:
-        data = base64.b64decode(encoded, validate=True)
+        # pybase64: SIMD, 10-20x the stdlib, and it reads the body's memoryview without a copy
+        data = pybase64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as err:
         raise bad_request(f"malformed data URL: the base64 payload is invalid ({err})", "messages") from err
     if not data:
@@ -124,9 +128,10 @@ class VideoSources:
     fetch_policy: FetchPolicy
     max_bytes: int
 
-    async def resolve(self, url: str) -> Video:
+    async def resolve(self, url: str, payload: memoryview | None = None) -> Video:
+        """payload: an inline data URL's base64 text, when the body parser left it out of `url`."""
         if url.startswith("data:"):
-            return await asyncio.to_thread(decode_data_url, url, self.max_bytes)
+            return await asyncio.to_thread(decode_data_url, url, self.max_bytes, payload)
         if VIDEO_ID.match(url):
             video = await self.uploads.get(url)
             if video is None:
