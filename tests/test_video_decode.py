@@ -168,3 +168,11 @@ def test_concurrent_requests_share_one_bounded_decode_pool(monkeypatch):
     for video, result in zip(videos, decoded):
         reference = _every_frame(video)
         assert all(np.array_equal(got, reference[i]) for got, i in zip(result.frames, result.frame_indices))
+
+
+def test_a_video_that_changes_resolution_mid_stream_is_refused_with_a_clear_error():
+    """Two MPEG-TS clips of different sizes, end to end (a byte stream can switch size at any IDR)."""
+    small = encode(moving_frames(24, 96, 64, seed=1), "ts", options={"g": "12", "bf": "0"})
+    large = encode(moving_frames(24, 128, 96, seed=2), "ts", options={"g": "12", "bf": "0"})
+    with pytest.raises(VideoError, match="changes resolution mid-stream"):
+        decode_video(small + large, 16, LIMITS)
