@@ -82,9 +82,10 @@ class Pipeline:
         if waiting is not None:  # someone is encoding the same video with the same settings
             return VisualSource.in_memory(key, await asyncio.shield(waiting))
         try:
+            video = await job.video.read()  # an uploaded video's bytes are read only now, for a miss
             outcome.encode_called_at = time.perf_counter()
             offer_pull = self.settings.direct_pull and self.settings.grpc_tls_ca is None
-            call, header, address = await self._open_encode(job, timeout_s, offer_pull)
+            call, header, address = await self._open_encode(job, video, timeout_s, offer_pull)
             outcome.encode_header_at = time.perf_counter()
         except BaseException as err:
             self.single_flight.finish(key, error=err)
@@ -100,7 +101,7 @@ class Pipeline:
         if cached is not None:
             return cached
         outcome.cache = "miss"
-        call, fresh, address = await self._open_encode(job, timeout_s)
+        call, fresh, address = await self._open_encode(job, await job.video.read(), timeout_s)
         if list(fresh.tensor.shape) != list(header.tensor.shape) or fresh.tensor.dtype != header.tensor.dtype:
             call.cancel()
             raise APIError(503, "the video's cached tokens changed while the request was routed; retry",
@@ -109,10 +110,10 @@ class Pipeline:
         self.cache.put_when_verified(job.key, source.encoded)
         return await source.encoded
 
-    async def _open_encode(self, job: EncodeJob, timeout_s: float, offer_pull: bool = False):
-        """Start Encode on some replica and return (call, header, its address); retries another replica
-        when one is down."""
-        message = job.message(offer_pull)
+    async def _open_encode(self, job: EncodeJob, video: bytes, timeout_s: float, offer_pull: bool = False):
+        """Start Encode of `video` on some replica and return (call, header, its address); retries another
+        replica when one is down."""
+        message = job.message(video, offer_pull)
         for replica in self.encoders.candidates():
             try:
                 with self.encoders.use(replica):

@@ -2,7 +2,10 @@
 enabled) an http(s) URL the gateway fetches (fetch.py).
 
 Uploaded videos are kept in Redis under their content hash (so every gateway replica sees them)
-and in a small in-process LRU, so that uploads keep working while Redis is down.
+and in a small in-process LRU, so that uploads keep working while Redis is down. A question by id
+needs only the hash, which is in the id: the bytes are read (and checked against the id) only when
+the encoder needs them, on a cache miss. So a hit by id costs the same whatever the video's size,
+and is answered while the tokens are cached even if the upload itself has expired.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ import asyncio
 import binascii
 import hashlib
 import io
+import logging
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pybase64
 
@@ -21,22 +25,38 @@ from gateway.cache import RedisStore
 from gateway.errors import APIError, bad_request
 from gateway.fetch import FetchPolicy, fetch_video
 
+log = logging.getLogger(__name__)
+
 VIDEO_ID = re.compile(r"^video-[0-9a-f]{64}$")
 DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.ASCII)
 
 
 @dataclass(frozen=True)
 class Video:
-    data: bytes
+    """A request's video: its sha256, all that the cache key needs, and its bytes, at hand or read
+    from the uploads when an encode needs them (read())."""
+
     sha256: str
+    data: bytes | None = None  # None: an uploaded video, read on a cache miss only
+    uploads: UploadStore | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, data: bytes) -> Video:
-        return cls(data, hashlib.sha256(data).hexdigest())
+        return cls(hashlib.sha256(data).hexdigest(), data)
+
+    @classmethod
+    def uploaded(cls, video_id: str, uploads: UploadStore) -> Video:
+        return cls(video_id.removeprefix("video-"), uploads=uploads)
 
     @property
     def id(self) -> str:
         return f"video-{self.sha256}"
+
+    async def read(self) -> bytes:
+        """The bytes to encode; an uploaded video's raise 404 when it is gone or damaged."""
+        if self.data is not None:
+            return self.data
+        return await self.uploads.read(self.id)
 
 
 def too_large(size: int, limit: int) -> APIError:
@@ -105,24 +125,29 @@ class UploadStore:
             _, dropped = self._memory.popitem(last=False)
             self._memory_used -= len(dropped)
 
-    async def get(self, video_id: str) -> Video | None:
+    async def read(self, video_id: str) -> bytes:
+        """An uploaded video's bytes, for an encode. 404 when it expired; a copy in Redis whose hash is
+        not the id's is deleted and refused the same way, so its tokens never reach the cache."""
         data = self._memory.get(video_id)
+        if data is not None:  # the very bytes hashed at upload, never out of this process: no check
+            self._memory.move_to_end(video_id)
+            return data
+        data = await self.store.get(self._key(video_id))
         if data is None:
-            data = await self.store.get(self._key(video_id))
-        if data is None:
-            return None
-        video = Video.of(data)
-        if video.id != video_id:  # damaged entry: never hand out other bytes under this id
+            raise APIError(404, f"no uploaded video with id {video_id!r} (it may have expired); upload it again",
+                           "not_found_error", param="messages", code="video_not_found")
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+        if f"video-{digest}" != video_id:
+            log.warning("deleting the damaged upload %s: its bytes hash to %s", video_id, digest)
             await self.store.delete(self._key(video_id))
-            self._memory.pop(video_id, None)
-            return None
-        self._memory.move_to_end(video_id) if video_id in self._memory else None
-        return video
+            raise APIError(404, f"the stored copy of the video {video_id!r} was damaged and has been deleted; "
+                                "upload it again", "not_found_error", param="messages", code="video_not_found")
+        return data
 
 
 @dataclass
 class VideoSources:
-    """Resolves a request's video_url to the video's bytes."""
+    """Resolves a request's video_url to a Video."""
 
     uploads: UploadStore
     fetch_policy: FetchPolicy
@@ -132,12 +157,8 @@ class VideoSources:
         """payload: an inline data URL's base64 text, when the body parser left it out of `url`."""
         if url.startswith("data:"):
             return await asyncio.to_thread(decode_data_url, url, self.max_bytes, payload)
-        if VIDEO_ID.match(url):
-            video = await self.uploads.get(url)
-            if video is None:
-                raise APIError(404, f"no uploaded video with id {url!r} (it may have expired)", "not_found_error",
-                               param="messages", code="video_not_found")
-            return video
+        if VIDEO_ID.match(url):  # nothing read yet: a hit needs only the hash
+            return Video.uploaded(url, self.uploads)
         if url.startswith(("http://", "https://")):
             return Video.of(await fetch_video(url, self.fetch_policy))
         raise bad_request("video_url.url must be a data:video/...;base64, URL or a video id from /v1/videos",
