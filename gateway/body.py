@@ -63,6 +63,17 @@ def _parse_with_payload_left_in(raw: bytes) -> ChatCompletionRequest | None:
 
 
 class ChatBodyRequest(Request):
+    async def body(self) -> bytes | bytearray:
+        """The body, grown in one buffer as its messages arrive (realloc moves a large buffer's pages
+        without copying them); Starlette keeps the messages and joins them at the end, one more copy
+        of the whole body into fresh memory."""
+        if not hasattr(self, "_body"):
+            body = bytearray()
+            async for message in self.stream():
+                body += message
+            self._body = body
+        return self._body
+
     async def json(self):  # FastAPI calls it for a JSON body, once the body is read
         if not hasattr(self, "_json"):
             self._json = parse_chat_body(await self.body())
