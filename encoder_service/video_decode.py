@@ -22,6 +22,7 @@ import bisect
 import io
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -239,12 +240,16 @@ def keyframe_runs(data: bytes, num_frames: int) -> list[KeyframeRun]:
     return [KeyframeRun(start, wanted, index) for start, wanted in runs.items()]
 
 
+Allocate = Callable[[tuple[int, ...]], np.ndarray]
+
+
 class _Frames:
     """The sampled frames, [T, H, W, 3] uint8, filled by the runs as they finish: each run copies
     its frames into their places on its own worker, so no serial stack of every frame at the end
     (32 frames of 1080p are 200 MB: 30-45 ms for one thread)."""
 
-    def __init__(self, indices: list[int]):
+    def __init__(self, indices: list[int], allocate: Allocate):
+        self.allocate = allocate
         self.slots: dict[int, list[int]] = {}
         for slot, index in enumerate(indices):
             self.slots.setdefault(index, []).append(slot)
@@ -257,7 +262,7 @@ class _Frames:
         for index, frame in part.items():
             with self._lock:
                 if self.array is None:
-                    self.array = np.empty((self.count, *frame.shape), dtype=np.uint8)
+                    self.array = self.allocate((self.count, *frame.shape))
             if frame.shape != self.array.shape[1:]:
                 raise VideoError(f"the video changes resolution mid-stream ({self.array.shape[2]}x"
                                  f"{self.array.shape[1]}, then {frame.shape[1]}x{frame.shape[0]}); "
@@ -268,13 +273,13 @@ class _Frames:
                 self.filled.add(index)
 
 
-def _decode_selected(index: _Index, indices: list[int]) -> _Frames:
+def _decode_selected(index: _Index, indices: list[int], allocate: Allocate) -> _Frames:
     """The frames at `indices`, decoded in parallel from the keyframes that precede them, each run
     a task of the shared pool (FFmpeg releases the GIL while it decodes). The runs that feed the
     most packets go first, so that the longest does not start last."""
     runs = sorted(_runs(index, indices).items(), key=lambda run: _packets_fed(index, *run), reverse=True)
     threads = decoder_threads(len(runs))
-    frames = _Frames(indices)  # a lone run goes through the pool too, so the pool bounds every decode
+    frames = _Frames(indices, allocate)  # a lone run goes through the pool too, so the pool bounds every decode
     for _ in _POOL.map(lambda run: frames.fill(_decode_from_clean_entry(index, *run, threads)), runs):
         pass
     return frames
@@ -286,7 +291,13 @@ def _packets_fed(index: _Index, start: int, wanted: list[int]) -> int:
     return wanted[-1] - start
 
 
-def decode_video(data: bytes, num_frames: int, limits: VideoLimits) -> DecodedVideo:
+def _empty(shape: tuple[int, ...]) -> np.ndarray:
+    return np.empty(shape, dtype=np.uint8)
+
+
+def decode_video(data: bytes, num_frames: int, limits: VideoLimits, allocate: Allocate = _empty) -> DecodedVideo:
+    """allocate(shape) -> the uint8 array the frames are decoded into (the encoder passes page-locked
+    memory on a GPU, so that the frames go to the GPU in one fast copy)."""
     if not data:
         raise VideoError("the video is empty (0 bytes)")
     if len(data) > limits.max_bytes:
@@ -302,7 +313,7 @@ def decode_video(data: bytes, num_frames: int, limits: VideoLimits) -> DecodedVi
     if index.frames == 0:
         raise VideoError("the video has no decodable frames")
     indices = sample_indices(index.frames, num_frames)
-    frames = _decode_selected(index, indices)
+    frames = _decode_selected(index, indices, allocate)
     if len(frames.filled) < len(frames.slots):
         raise VideoError("the video is corrupt or truncated: frames could not be decoded")
     duration = header.duration_s
