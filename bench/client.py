@@ -1,5 +1,12 @@
-"""REST clients of the benchmark and the load test (scripts/loadtest.py): request bodies, one
-streamed completion timed as a client sees it, and closed-loop clients."""
+"""REST clients of the benchmark and the load test (scripts/loadtest.py): request bodies, uploads,
+one streamed completion timed as a client sees it, and closed-loop clients.
+
+A body is a dict (sent as JSON), its JSON bytes, or a BodyFile (JSON bytes prepared on disk and
+streamed from there). Bodies are serialised before the clock starts: json.dumps of a 61 MB clip's
+data URL alone takes about 0.3 s, which is the client's cost, not the server's. Large videos go
+to disk so that many prepared requests (16 clients x 2 requests of a 61 MB clip: 2.6 GB of
+base64) do not have to be held in memory at once.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,9 @@ import json
 import math
 import statistics
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -54,21 +63,86 @@ def completion_body(content: str | list[dict], max_tokens: int, *, model: str = 
     return body
 
 
-def chat_body(video: bytes, frames: int, compression: dict, max_tokens: int) -> dict:
-    """The benchmark's request: the video inline, QUESTION, streamed."""
-    return completion_body(video_content(data_url(video), QUESTION), max_tokens,
+def chat_body(video: bytes | str, frames: int, compression: dict, max_tokens: int) -> dict:
+    """The benchmark's request: the video inline (bytes) or by URL or uploaded id (str), QUESTION,
+    streamed."""
+    url = data_url(video) if isinstance(video, bytes) else video
+    return completion_body(video_content(url, QUESTION), max_tokens,
                            videollm={"num_frames": frames, "compression": compression})
 
 
-async def stream_chat(client: httpx.AsyncClient, url: str, body: dict, max_retries: int = 0) -> Sample:
-    """One streamed chat completion. A 429 is retried after its Retry-After, as OpenAI's clients do,
-    up to max_retries times (the latencies include the waits). A failure is the sample's `error`:
-    another status than 200, an error event, a stream that ends without [DONE], a broken connection."""
+_VIDEO_MARK = "@@videollm-bench-video@@"  # no JSON escapes in it: json.dumps leaves it as it is
+
+
+def chat_body_parts(video: bytes, frames: int, compression: dict, max_tokens: int) -> tuple[bytes, ...]:
+    """chat_body(video, ...) as the JSON bytes sent, in pieces to join or write one after the other:
+    the base64 text goes in as it is (it needs no escaping), never through json.dumps as a str."""
+    head, tail = json.dumps(chat_body(_VIDEO_MARK, frames, compression, max_tokens)).encode().split(
+        _VIDEO_MARK.encode())
+    return head, b"data:video/mp4;base64,", base64.b64encode(video), tail
+
+
+def chat_bytes(video: bytes, frames: int, compression: dict, max_tokens: int) -> bytes:
+    """chat_body(video, ...) serialised, ready to send."""
+    return b"".join(chat_body_parts(video, frames, compression, max_tokens))
+
+
+@dataclass(frozen=True)
+class BodyFile:
+    """A request body's JSON bytes in a file, sent in chunks as it is read."""
+
+    path: Path
+    size: int
+
+    @classmethod
+    def write(cls, path: Path, parts: tuple[bytes, ...]) -> BodyFile:
+        with open(path, "wb") as handle:
+            handle.writelines(parts)
+        return cls(path, sum(len(part) for part in parts))
+
+    async def chunks(self, chunk_bytes: int = 1 << 20) -> AsyncIterator[bytes]:
+        # reads of a file just written come from the page cache: short enough for the event loop
+        with open(self.path, "rb") as handle:
+            while chunk := handle.read(chunk_bytes):
+                yield chunk
+
+
+def _request_body(body: dict | bytes | BodyFile) -> bytes | BodyFile:
+    """A dict's JSON bytes (a body's serialisation is the client's cost, outside the timing); the
+    others as they are."""
+    return json.dumps(body).encode() if isinstance(body, dict) else body
+
+
+def _send_args(body: bytes | BodyFile) -> dict:
+    """client.stream's keyword arguments for a serialised body (a fresh chunk reader each time, so a
+    retried request sends it again)."""
+    if isinstance(body, BodyFile):  # a given content-length: sent as is, not chunked
+        return {"content": body.chunks(),
+                "headers": {"content-type": "application/json", "content-length": str(body.size)}}
+    return {"content": body, "headers": {"content-type": "application/json"}}
+
+
+async def upload_video(client: httpx.AsyncClient, url: str, video: bytes, filename: str = "clip.mp4") -> dict:
+    """POST /v1/videos (multipart, field "file"); the answer (its "id" names the video in a chat
+    request). Raises RuntimeError when the upload is refused."""
+    response = await client.post(f"{url}/v1/videos", files={"file": (filename, video, "video/mp4")})
+    if response.status_code != 200:
+        raise RuntimeError(f"the upload failed: HTTP {response.status_code}: {response.text[:200]}")
+    return response.json()
+
+
+async def stream_chat(client: httpx.AsyncClient, url: str, body: dict | bytes | BodyFile,
+                      max_retries: int = 0) -> Sample:
+    """One streamed chat completion, timed from when the (already serialised) body starts to go out.
+    A 429 is retried after its Retry-After, as OpenAI's clients do, up to max_retries times (the
+    latencies include the waits). A failure is the sample's `error`: another status than 200, an
+    error event, a stream that ends without [DONE], a broken connection."""
     sample = Sample()
+    body = _request_body(body)
     start = time.perf_counter()
     try:
         for attempt in range(max_retries + 1):
-            async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            async with client.stream("POST", f"{url}/v1/chat/completions", **_send_args(body)) as response:
                 if response.status_code == 429:
                     sample.rejected_429 += 1
                     if attempt < max_retries:
@@ -114,7 +188,7 @@ async def _read_stream(response: httpx.Response, sample: Sample, start: float) -
         sample.ttft_ms = sample.total_ms
 
 
-async def stream_once(client: httpx.AsyncClient, url: str, body: dict) -> Sample:
+async def stream_once(client: httpx.AsyncClient, url: str, body: dict | bytes | BodyFile) -> Sample:
     """One streamed chat completion, no retries; raises RuntimeError when it fails."""
     sample = await stream_chat(client, url, body)
     if sample.error is not None:
@@ -122,8 +196,9 @@ async def stream_once(client: httpx.AsyncClient, url: str, body: dict) -> Sample
     return sample
 
 
-async def run_clients(url: str, bodies: list[dict], clients: int, *, timeout: httpx.Timeout | float = 600,
-                      deadline: float | None = None, max_retries: int = 0) -> tuple[list[Sample | None], float]:
+async def run_clients(url: str, bodies: list[dict | bytes | BodyFile], clients: int, *,
+                      timeout: httpx.Timeout | float = 600, deadline: float | None = None,
+                      max_retries: int = 0) -> tuple[list[Sample | None], float]:
     """`clients` concurrent clients send `bodies` in order, each one its next as soon as its last answer
     is in (a closed loop). Returns the sample of each body (None: not started by `deadline`, a
     time.perf_counter() value) and the seconds the clients ran."""
@@ -161,7 +236,7 @@ def percentile(values: list[float], q: float, interpolate: bool = False) -> floa
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-async def closed_loop(url: str, bodies: list[dict], clients: int, timeout_s: float = 600) -> dict:
+async def closed_loop(url: str, bodies: list[dict | bytes | BodyFile], clients: int, timeout_s: float = 600) -> dict:
     """`clients` concurrent clients send `bodies` (each once) as fast as answers come back."""
     results, elapsed = await run_clients(url, bodies, clients, timeout=timeout_s)
     samples = [s for s in results if s.ok]
