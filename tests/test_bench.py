@@ -1,13 +1,16 @@
 """The GPU benchmark script runs end to end on the tiny model on the CPU, so it cannot rot.
 
-It checks that the run completes and that every table is complete; no timing is asserted. The
-baseline's throughput is measured there too (the monolithic model behind bench/baseline_server.py,
-driven by the same closed-loop clients), and every published baseline throughput figure says
-whether it was measured or modeled.
+It checks that the run completes on two clips (a named one and a file), with the cache hit asked
+both ways (the same data URL again, an uploaded id), and that every table is complete; no timing
+is asserted. The baseline's throughput is measured there too (the monolithic model behind
+bench/baseline_server.py, driven by the same closed-loop clients), every published baseline
+throughput figure says whether it was measured or modeled, and every published results file still
+renders.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -16,14 +19,26 @@ import sys
 from pathlib import Path
 
 from bench.baseline import MODELED_FORMULA, queueing
+from bench.client import BodyFile, chat_body, chat_body_parts, chat_bytes
+from bench.clips import PhoneClip, encode_phone_clip
 from bench.run import report
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_the_benchmark_runs_on_the_cpu_and_fills_every_table(tmp_path):
+def _rows(table: str, heading: str) -> list[str]:
+    """The table rows (after the header and its rule) of the section whose heading starts with `heading`."""
+    section = table.split(f"\n## {heading}")[1].split("\n## ")[0]
+    return [line for line in section.splitlines() if line.startswith("| ")][1:]
+
+
+def test_the_benchmark_runs_on_the_cpu_per_clip_and_fills_every_table(tmp_path):
+    # a second clip as a file: a small phone-like clip (bench/clips.py's generator needs a width over 320)
+    phone = tmp_path / "phone.mp4"
+    phone.write_bytes(encode_phone_clip(PhoneClip(352, 240, 2.0)))
     out = tmp_path / "out"
     command = [sys.executable, "-m", "videollm.cli", "bench", "--shape", "tiny", "--device", "cpu", "--out", str(out),
+               "--clips", f"360p,{phone}", "--throughput-clip", str(phone), "--clip-frames", "phone=6",
                "--frames", "4", "--retain", "1.0,0.1", "--clients", "1,2", "--requests-per-client", "1",
                "--throughput-frames", "4", "--max-tokens", "3", "--repeats", "1"]
     # one OpenMP thread per process: the stack, the baseline server and the bench share the test machine's
@@ -32,41 +47,85 @@ def test_the_benchmark_runs_on_the_cpu_and_fills_every_table(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
+    assert results["clips"]["360p"]["source"] == "bench/clips.py"
+    assert (results["clips"]["phone"]["source"], results["clips"]["phone"]["width"]) == (str(phone), 352)
     latency = results["placements"][0]["latency"]
-    assert [(row["frames"], row["retain"]) for row in latency] == [(4, 1.0), (4, 0.1)]
-    assert latency[0]["visual_tokens"] == 4 * 196 + 1 > latency[1]["visual_tokens"]
+    assert [(row["clip"], row["frames"], row["retain"]) for row in latency] == \
+        [("360p", 4, 1.0), ("360p", 4, 0.1), ("phone", 6, 1.0), ("phone", 6, 0.1)]  # phone: its own frame count
     for row in latency:
-        assert all(row[key] is not None and row[key] == row[key] for key in
-                   ("ttft_miss_ms", "ttft_hit_ms", "encode_ms", "prefill_ms", "decode_tokens_per_s"))
-        parts = row["miss_parts_ms"]  # the hops nest: each call holds the service's own time
-        assert all(value is not None and value >= 0 for value in parts.values()), parts
-        assert parts["encode_call"] >= parts["encoder_total"] >= parts["encoder_decode"]
-        assert parts["llm_call"] >= parts["llm_ttft"] >= parts["prefill"]
-        assert row["ttft_miss_ms"] >= parts["gateway_in"] + parts["encode_call"] + parts["llm_call"]
+        full = row["frames"] * 196 + 1
+        assert row["visual_tokens"] == full if row["retain"] == 1.0 else row["visual_tokens"] < full
+        # inline: a miss, then a hit with the same data URL; uploaded: a miss by its id, then a hit
+        assert row["cache"] == {"miss": ["miss"], "hit": ["hit"], "miss_id": ["miss"], "hit_id": ["hit"]}, row
+        assert all(row[key] is not None and row[key] == row[key] and row[key] > 0 for key in
+                   ("ttft_miss_ms", "ttft_hit_ms", "upload_ms", "ttft_miss_id_ms", "ttft_hit_id_ms", "encode_ms",
+                    "prefill_ms", "decode_tokens_per_s", "gateway_ttft_hit_id_ms", "llm_ttft_hit_id_ms"))
+        for parts in (row["miss_parts_ms"], row["miss_id_parts_ms"]):  # the hops nest: each call holds the service's
+            assert all(value is not None and value >= 0 for value in parts.values()), parts
+            assert parts["encode_call"] >= parts["encoder_total"] >= parts["encoder_decode"]
+            assert parts["llm_call"] >= parts["llm_ttft"] >= parts["prefill"]
+        assert row["ttft_miss_ms"] >= sum(row["miss_parts_ms"][k] for k in ("gateway_in", "encode_call", "llm_call"))
+        assert row["ttft_miss_id_ms"] >= sum(row["miss_id_parts_ms"][k]
+                                             for k in ("gateway_in", "encode_call", "llm_call"))
     throughput = results["placements"][0]["throughput"]
-    assert [(row["clients"], row["requests"], row["errors"]) for row in throughput] == [(1, 1, 0), (2, 2, 0)]
-    assert [b["frames"] for b in results["baseline"]] == [4]
+    assert [(row["clip"], row["clients"], row["requests"], row["errors"]) for row in throughput] == \
+        [("phone", 1, 1, 0), ("phone", 2, 2, 0)]
+    assert [(b["clip"], b["frames"]) for b in results["baseline"]] == [("360p", 4), ("phone", 6)]
     # the baseline's throughput is measured by default: real requests through the one-at-a-time server,
-    # as many as videollm's runs (clients x requests per client), from the same closed-loop clients
+    # as many as videollm's runs (clients x requests per client), from the same closed-loop clients, on the same clip
     base = results["baseline_throughput"]
-    assert [(b["kind"], b["clients"], b["requests"], b["errors"], b["frames"]) for b in base] == \
-        [("measured", 1, 1, 0, 4), ("measured", 2, 2, 0, 4)]
+    assert [(b["kind"], b["clip"], b["clients"], b["requests"], b["errors"], b["frames"]) for b in base] == \
+        [("measured", "phone", 1, 1, 0, 4), ("measured", "phone", 2, 2, 0, 4)]
     for b in base:
         assert b["rps"] == b["requests"] / b["seconds"] > 0
         assert 0 < b["ttft_p50_ms"] <= b["ttft_p99_ms"] and b["completion_tokens_mean"] > 0
         assert "formula" not in b
-    assert "baseline_server.log" in {path.name for path in out.iterdir()}
+    names = {path.name for path in out.iterdir()}
+    assert "baseline_server.log" in names and "bodies" not in names  # the prepared bodies are removed
     table = (out / "results.md").read_text()
-    assert table.count("\n| 4 | ") == 5  # two latency rows, two rows of where the TTFT goes, one baseline row
-    assert "| 0/0 | 0.1 | 2 | 2 | 0 |" in table
-    assert " - |" not in table.split("## Throughput")[0]  # every latency row has its baseline ratio
+    assert [line.split(" | ")[:2] for line in _rows(table, "Clips")] == [["| 360p", "bench/clips.py"],
+                                                                          ["| phone", str(phone)]]
+    latency_rows = _rows(table, "Latency")
+    assert [line.split(" | ")[:3] for line in latency_rows] == \
+        [["| 360p", "4", "1.0"], ["| 360p", "4", "0.1"], ["| phone", "6", "1.0"], ["| phone", "6", "0.1"]]
+    assert all(" - |" not in line and line.endswith("x |") for line in latency_rows)  # every baseline ratio is there
+    hit_rows = _rows(table, "Cache hits")
+    assert len(hit_rows) == 4 and all(" - |" not in line and "-/-" not in line for line in hit_rows)
+    assert [line.split(" | ")[:4] for line in _rows(table, "Where a miss's TTFT goes")] == \
+        [["| 360p", "4", "1.0", "data URL"], ["| 360p", "4", "1.0", "uploaded id"],
+         ["| 360p", "4", "0.1", "data URL"], ["| 360p", "4", "0.1", "uploaded id"],
+         ["| phone", "6", "1.0", "data URL"], ["| phone", "6", "1.0", "uploaded id"],
+         ["| phone", "6", "0.1", "data URL"], ["| phone", "6", "0.1", "uploaded id"]]
+    assert [line.split(" | ")[:2] for line in _rows(table, "Baseline: ")] == [["| 360p", "4"], ["| phone", "6"]]
+    throughput_rows = _rows(table, "Throughput on the phone clip")
+    assert [line.split(" | ")[:5] for line in throughput_rows] == [["| 0/0", "0.1", "1", "1", "0"],
+                                                                   ["| 0/0", "0.1", "2", "2", "0"]]
+    assert all(line.endswith("x |") for line in throughput_rows)
     assert "| baseline req/s (measured) | baseline TTFT p50/p99 ms (measured) | req/s ratio (vs measured baseline) |" \
         in table
     assert "modeled" not in table
-    assert "| measured | 4 | 1 | 1 | 0 |" in table and "| measured | 4 | 2 | 2 | 0 |" in table
-    throughput_rows = [line for line in table.split("## Throughput")[1].split("## Baseline throughput")[0].splitlines()
-                       if line.startswith("| 0/0 |")]
-    assert len(throughput_rows) == 2 and all(line.endswith("x |") for line in throughput_rows)
+    assert [line.split(" | ")[:5] for line in _rows(table, "Baseline throughput on the phone clip")] == \
+        [["| measured", "4", "1", "1", "0"], ["| measured", "4", "2", "2", "0"]]
+
+
+def test_a_clip_that_is_neither_named_nor_a_file_is_refused_before_anything_starts(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench.run", "--device", "cpu", "--out", str(tmp_path / "out"),
+                           "--clips", "360p,4k-phone"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode != 0 and "'4k-phone' is neither a clip of bench/clips.py" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_chat_body_is_sent_as_the_json_of_chat_body_whole_or_from_a_file(tmp_path):
+    video = bytes(range(256)) * 1000
+    expected = chat_body(video, 8, {"method": "none"}, 4)
+    assert json.loads(chat_bytes(video, 8, {"method": "none"}, 4)) == expected
+    body = BodyFile.write(tmp_path / "body.json", chat_body_parts(video, 8, {"method": "none"}, 4))
+
+    async def read() -> bytes:
+        return b"".join([chunk async for chunk in body.chunks(chunk_bytes=4096)])
+
+    sent = asyncio.run(read())
+    assert body.size == len(sent) and json.loads(sent) == expected
 
 
 def _results(baseline_throughput: list[dict]) -> dict:
@@ -121,3 +180,35 @@ def test_every_published_baseline_throughput_figure_says_how_it_was_obtained():
     for line in numbers.splitlines():
         if line.startswith("| throughput") or line.startswith("| transformers `generate`, one GPU"):
             assert "modeled" in line, line
+
+
+def test_results_of_the_single_clip_bench_still_render_as_the_360p_clip():
+    for path in sorted((ROOT / "docs" / "bench").glob("*.json")):
+        results = json.loads(path.read_text())
+        table = report(results)  # rows without "clip" (or without the newer figures) still render
+        latency = results["placements"][0].get("latency", [])
+        rows = _rows(table, "Latency") if latency else []
+        assert len(rows) == len(latency), path.name
+        baseline_frames = {b["frames"] for b in results.get("baseline", [])}
+        for line, row in zip(rows, latency):
+            cells = line.split(" | ")
+            assert cells[:3] == ["| 360p", str(row["frames"]), str(row["retain"])], (path.name, line)
+            assert cells[7] == "-", (path.name, line)  # no hit by an uploaded id was measured then
+            assert (cells[12] != "-") == (row["frames"] in baseline_frames), (path.name, line)  # matched by clip, frames
+        assert "## Throughput on the 360p clip" in table, path.name
+
+
+def test_the_latency_table_compares_each_clip_with_the_baseline_of_that_clip():
+    def row(clip: str, ttft: float) -> dict:
+        return {"clip": clip, "frames": 32, "retain": 0.1, "frames_after_merge": 22, "visual_tokens": 639,
+                "ttft_miss_ms": ttft, "ttft_hit_ms": ttft / 10, "ttft_hit_id_ms": ttft / 20}
+
+    results = _results([])
+    results["placements"][0]["latency"] = [row("360p", 200.0), row("1080p-30s", 800.0), row("720p-2min", 900.0)]
+    base = {"frames": 32, "visual_tokens": 6273, "decode_ms": 1.0, "preprocess_ms": 1.0, "vision_ms": 1.0,
+            "prefill_ms": 1.0, "decode_ms_per_token": 1.0, "peak_memory_bytes": 0}
+    results["baseline"] = [dict(base, ttft_ms=400.0), dict(base, clip="1080p-30s", ttft_ms=1600.0)]  # no clip: 360p
+    rows = _rows(report(results), "Latency")
+    assert [line.split(" | ")[12:] for line in rows] == [["400.0", "2.00x", "20.00x", "40.00x |"],
+                                                         ["1600.0", "2.00x", "20.00x", "40.00x |"],
+                                                         ["-", "-", "-", "- |"]]
