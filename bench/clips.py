@@ -87,8 +87,9 @@ def _phone_frames(spec: PhoneClip, seed: int = 0):
     world_w, world_h = int(width * 2.2) // 2 * 2, int(height * 1.6) // 2 * 2
     luma, u_plane, v_plane = _world(rng, world_h, world_w)
     grain = rng.integers(-spec.grain, spec.grain + 1, size=(8, height + 64, width + 64), dtype=np.int16)
-    movers = [(rng.integers(60, height // 3), rng.integers(80, width // 4), rng.uniform(-9, 9), rng.uniform(-3, 3),
-               rng.integers(30, 220), rng.integers(0, 4 * width)) for _ in range(5)]
+    movers = [(rng.integers(60, max(61, height // 3)), rng.integers(80, max(81, width // 4)),  # h, w
+               rng.uniform(-9, 9), rng.uniform(-3, 3), rng.integers(30, 220), rng.integers(0, 4 * width))
+              for _ in range(5)]
     shake = np.cumsum(rng.normal(0, 1.2, size=(spec.frames, 2)), axis=0)
     shake -= np.linspace(0, 1, spec.frames)[:, None] * shake[-1]  # drifts back: the path stays in the world
     for t in range(spec.frames):
