@@ -16,12 +16,11 @@ import httpx
 import numpy as np
 import pytest
 
-from bench.video import encode
 from conftest import GatewayServer, gateway_settings
 from gateway.body import parse_chat_body
 from gateway.schemas import ChatCompletionRequest
 from helpers import data_url, encoder_calls, video_chat
-from videos import make_video
+from videos import encode, make_video
 
 TIMEOUT = 120
 TOKEN_KEYS = "videollm:v1:tokens:*"
