@@ -8,6 +8,7 @@ batch_max_requests allows (tower_batcher.py).
 
 from __future__ import annotations
 
+import mmap
 import threading
 import time
 from dataclasses import dataclass, field
@@ -69,7 +70,8 @@ class EncoderEngine:
         except ValueError as err:
             raise EncodeRequestError(str(err)) from err
 
-    def encode(self, video: bytes, num_frames: int = 0, compression: CompressionSettings | None = None) -> EncodeResult:
+    def encode(self, video: bytes | mmap.mmap, num_frames: int = 0,
+               compression: CompressionSettings | None = None) -> EncodeResult:
         """compression None means the server's default settings."""
         frames = self.resolve_frames(num_frames)
         settings = compression or self.settings.compression
@@ -80,7 +82,7 @@ class EncoderEngine:
         finally:
             self._admission.release()
 
-    def _encode(self, video: bytes, num_frames: int, settings: CompressionSettings) -> EncodeResult:
+    def _encode(self, video: bytes | mmap.mmap, num_frames: int, settings: CompressionSettings) -> EncodeResult:
         start = time.perf_counter()
         decoded = decode_video(video, num_frames, self.limits, self._allocate_frames)
         decode_ms = (time.perf_counter() - start) * 1e3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import grpc
 
@@ -10,7 +11,7 @@ from encoder_service.engine import EncodeRequestError, EncoderEngine, EncodeResu
 from encoder_service.pull_store import PullStore
 from encoder_service.video_decode import VideoError
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, tensor_pb2
-from videollm import tensors, transport
+from videollm import pull_files, tensors, transport
 from videollm.checkpoint import peak_memory_bytes
 from videollm.grpc_server import MiB, run_until_signalled, start_service
 from videollm.proto_mapping import compression_from_proto, compression_to_proto
@@ -59,6 +60,28 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         self.engine = engine
         self.pulls = PullStore(engine.settings.pull_buffer_bytes, engine.settings.pull_ttl_s,
                                engine.settings.pull_shm_path())
+        self.videos_taken = 0
+        self._taken_lock = threading.Lock()
+
+    def _video(self, request: encoder_pb2.EncodeRequest, context: grpc.ServicerContext):
+        """The request's video: its bytes, or the file a sender on this host left in shared memory."""
+        if not request.video_ticket:
+            return request.video
+        if request.video_size > self.engine.settings.max_video_bytes:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the video is {request.video_size} bytes; the limit "
+                                                            f"is {self.engine.settings.max_video_bytes} bytes")
+        try:
+            video = (pull_files.take(self.pulls.shm_dir, request.video_ticket, request.video_size,
+                                     pull_files.VIDEO_PREFIX) if self.pulls.shm_dir is not None else None)
+        except pull_files.PullFileError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        if video is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "no video file under this ticket in this encoder's shared memory (another host, or "
+                          "pull_shm_dir is off); send the video's bytes instead")
+        with self._taken_lock:
+            self.videos_taken += 1
+        return video
 
     def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.ServicerContext):
         try:
@@ -66,7 +89,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
                 compression = compression_from_proto(request.compression, self.engine.settings.compression)
             except ValueError as err:
                 raise EncodeRequestError(str(err)) from err
-            result = self.engine.encode(request.video, num_frames=request.sampling.num_frames, compression=compression)
+            video = self._video(request, context)
+            result = self.engine.encode(video, num_frames=request.sampling.num_frames, compression=compression)
         except (VideoError, EncodeRequestError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except Overloaded as err:
@@ -104,6 +128,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             batch_max_frames=self.engine.batcher.max_frames,
             batch_max_requests=self.engine.batcher.max_requests,
             settings_json=json.dumps(public_settings(settings)),
+            videos_taken=self.videos_taken,
         )
 
 

@@ -37,6 +37,7 @@ class Replica:
     in_flight: int = 0
     down_until: float = 0.0
     order: int = 0
+    takes_video_files: bool | None = None  # an encoder on this host? None until its first Encode says
 
     async def serving(self, timeout_s: float = 1.0) -> bool:
         try:

@@ -23,6 +23,7 @@ from gateway.cache import EncodedVideo, SingleFlight, TokenCache
 from gateway.errors import APIError, from_grpc
 from gateway.relay import GenerateRequests, VisualSource, generate_setup
 from gateway.requests import ChatRequest, EncodeJob, Outcome, VideoRequest
+from gateway.video_handoff import VideoHandoff
 from protos.videollm.v1 import encoder_pb2, llm_pb2
 from videollm.settings import GatewaySettings
 
@@ -36,6 +37,7 @@ class Pipeline:
         self.single_flight = SingleFlight()
         self.prefix_holders = PrefixHolders()
         self._encoder_info: encoder_pb2.EncoderInfo | None = None
+        self.video_handoff = VideoHandoff.at(settings.pull_shm_dir, stale_after_s=settings.request_timeout_s)
 
     async def start(self, request: ChatRequest, outcome: Outcome) -> AsyncIterator[llm_pb2.GenerateResponse]:
         """Send the request to an LLM and wait for its first response; return the response stream.
@@ -113,12 +115,11 @@ class Pipeline:
     async def _open_encode(self, job: EncodeJob, video: bytes, timeout_s: float, offer_pull: bool = False):
         """Start Encode of `video` on some replica and return (call, header, its address); retries another
         replica when one is down."""
-        message = job.message(video, offer_pull)
+        message = job.message(offer_pull)
         for replica in self.encoders.candidates():
             try:
                 with self.encoders.use(replica):
-                    call = replica.stub.Encode(message, timeout=timeout_s)
-                    first = await call.read()
+                    call, first = await self._encode_on(replica, message, video, timeout_s)
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.UNAVAILABLE:
                     self.encoders.skipping(replica)
@@ -128,6 +129,30 @@ class Pipeline:
                 raise APIError(502, "the encoder sent no header", "api_error", code="backend_error")
             return call, first.header, replica.address
         raise self.encoders.none_available()
+
+    async def _encode_on(self, replica: Replica, message: encoder_pb2.EncodeRequest, video: bytes, timeout_s: float):
+        """Encode on one replica: (call, its first response). The video goes as a file in shared memory
+        unless this replica said it cannot take one (another host), then as bytes."""
+        if self.video_handoff is not None and replica.takes_video_files is not False:
+            ticket = await self.video_handoff.leave(video)
+            if ticket is not None:
+                try:
+                    by_file = encoder_pb2.EncodeRequest(video_ticket=ticket, video_size=len(video))
+                    by_file.MergeFrom(message)
+                    call = replica.stub.Encode(by_file, timeout=timeout_s)
+                    first = await call.read()
+                    replica.takes_video_files = True
+                    return call, first
+                except grpc.aio.AioRpcError as err:
+                    if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                        raise
+                    replica.takes_video_files = False  # learnt once: it does not share our shared memory
+                finally:
+                    self.video_handoff.discard(ticket)
+        with_bytes = encoder_pb2.EncodeRequest(video=video)
+        with_bytes.MergeFrom(message)
+        call = replica.stub.Encode(with_bytes, timeout=timeout_s)
+        return call, await call.read()
 
     # -- 3. the LLM -----------------------------------------------------------------------------
 

@@ -29,10 +29,10 @@ class EncodeJob:
     compression: CompressionSettings
     key: str
 
-    def message(self, video: bytes, offer_pull: bool = False) -> encoder_pb2.EncodeRequest:
-        """video: the bytes (Video.read()); offer_pull: ask the encoder to keep the tokens for the LLM to take."""
+    def message(self, offer_pull: bool = False) -> encoder_pb2.EncodeRequest:
+        """The request without its video (the pipeline adds the bytes, or the ticket of their file);
+        offer_pull: ask the encoder to keep the tokens for the LLM to take."""
         return encoder_pb2.EncodeRequest(
-            video=video,
             sampling=encoder_pb2.FrameSampling(num_frames=self.frames),
             compression=compression_to_proto(self.compression),
             offer_pull=offer_pull,

@@ -50,7 +50,7 @@ def non_default_values(tiny_model_dir: Path, redis_url: str, shm_dir: Path) -> d
 
 # the settings that several services own: each of them gets the flag's value
 SHARED = {"model": ("encoder", "llm"), "device": ("encoder", "llm"), "dtype": ("encoder", "llm"),
-          "max_concurrent": ("encoder", "llm"), "pull_shm_dir": ("encoder", "llm")}
+          "max_concurrent": ("encoder", "llm"), "pull_shm_dir": ("gateway", "encoder", "llm")}
 
 
 def as_argv(flag, value) -> list[str]:

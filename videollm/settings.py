@@ -125,9 +125,9 @@ class _ServiceSettings(BaseSettings):
     tls_cert: Path | None = Field(None, description="PEM certificate chain: serve gRPC over TLS")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
     tls_client_ca: Path | None = Field(None, description="PEM CA bundle: require client certificates (mutual TLS)")
-    pull_shm_dir: str = Field("/dev/shm", description="shared-memory directory where an encoder leaves token tensors "
-                              "for an LLM on the same host to take without gRPC; both services must name the same "
-                              "one ('' = off: pulls go over gRPC)")
+    pull_shm_dir: str = Field("/dev/shm", description="shared-memory directory of same-host hand-offs: an encoder "
+                              "leaves token tensors there for an LLM and takes the videos a gateway left there; the "
+                              "services must name the same one ('' = off: both go over gRPC)")
 
     def pull_shm_path(self) -> Path | None:
         return Path(self.pull_shm_dir) if self.pull_shm_dir else None
@@ -239,6 +239,9 @@ class GatewaySettings(BaseSettings):
                               "encoder (one hop instead of two); off whenever grpc_tls_ca is set")
     grpc_tls_cert: Path | None = Field(None, description="PEM client certificate for mutual TLS")
     grpc_tls_key: Path | None = Field(None, description="PEM private key of grpc_tls_cert")
+    pull_shm_dir: str = Field("/dev/shm", description="shared-memory directory of same-host hand-offs: a miss's video "
+                              "is left there for an encoder on this host to take without gRPC (the encoder's "
+                              "pull_shm_dir must name the same one; encoders elsewhere get the bytes; '' = off)")
     fetch_urls: bool = Field(False, description="accept http(s) video URLs (fetched by the gateway)")
     fetch_timeout_s: float = Field(30.0, gt=0, description="time limit of one video download")
     fetch_allow: Annotated[list[str], NoDecode] = Field(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.videollm.v1 import tensor_pb2 as protos_dot_videollm_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/videollm/v1/encoder.proto\x12\x0bvideollm.v1\x1a\x1fprotos/videollm/v1/tensor.proto\"\r\n\x0bInfoRequest\"\xa1\x03\n\x0b\x45ncoderInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_frames\x18\x02 \x01(\r\x12\x12\n\nmax_frames\x18\x03 \x01(\r\x12\x35\n\x13\x64\x65\x66\x61ult_compression\x18\x04 \x01(\x0b\x32\x18.videollm.v1.Compression\x12\x16\n\x0e\x65ncoder_layers\x18\x05 \x01(\r\x12\x18\n\x10tokens_per_frame\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x17\n\x0fmax_video_bytes\x18\t \x01(\x04\x12\x19\n\x11\x65ncodes_completed\x18\n \x01(\x04\x12\x19\n\x11peak_memory_bytes\x18\x0b \x01(\x04\x12\x14\n\x0cpulls_served\x18\x0c \x01(\x04\x12\x15\n\rtower_batches\x18\r \x01(\x04\x12\x18\n\x10\x62\x61tch_max_frames\x18\x0e \x01(\r\x12\x1a\n\x12\x62\x61tch_max_requests\x18\x0f \x01(\r\x12\x15\n\rsettings_json\x18\x10 \x01(\t\"#\n\rFrameSampling\x12\x12\n\nnum_frames\x18\x01 \x01(\r\"\x9b\x02\n\x0b\x43ompression\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x19\n\x0cretain_ratio\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03tau\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_window\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x10\n\x03\x65ma\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12,\n\x0cprune_layers\x18\x06 \x01(\x0b\x32\x16.videollm.v1.LayerList\x12\x0e\n\x01\x64\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x0e\n\x01k\x18\x08 \x01(\rH\x05\x88\x01\x01\x12\x11\n\x04\x62\x65ta\x18\t \x01(\x01H\x06\x88\x01\x01\x42\x0f\n\r_retain_ratioB\x06\n\x04_tauB\r\n\x0b_max_windowB\x06\n\x04_emaB\x04\n\x02_dB\x04\n\x02_kB\x07\n\x05_beta\"\x1b\n\tLayerList\x12\x0e\n\x06layers\x18\x01 \x03(\r\"\xa3\x01\n\rEncodeRequest\x12\r\n\x05video\x18\x01 \x01(\x0c\x12,\n\x08sampling\x18\x02 \x01(\x0b\x32\x1a.videollm.v1.FrameSampling\x12-\n\x0b\x63ompression\x18\x03 \x01(\x0b\x32\x18.videollm.v1.Compression\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x12\n\noffer_pull\x18\x05 \x01(\x08\"&\n\x07Segment\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\x0c\n\x04last\x18\x02 \x01(\r\"\"\n\rKeptPositions\x12\x11\n\tpositions\x18\x01 \x03(\r\"\x88\x02\n\x0f\x43ompressionInfo\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x1a\n\x12\x66rames_after_merge\x18\x02 \x01(\r\x12&\n\x08segments\x18\x03 \x03(\x0b\x32\x14.videollm.v1.Segment\x12(\n\x04kept\x18\x04 \x03(\x0b\x32\x1a.videollm.v1.KeptPositions\x12*\n\x08settings\x18\x05 \x01(\x0b\x32\x18.videollm.v1.Compression\x12\x18\n\x10tokens_per_frame\x18\x06 \x01(\r\x12\x14\n\x0clayer_frames\x18\x07 \x03(\r\x12\x1b\n\x13scaled_prune_layers\x18\x08 \x03(\r\"\xc3\x01\n\rEncodeTimings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x11\n\tvision_ms\x18\x03 \x01(\x01\x12\x14\n\x0cprojector_ms\x18\x04 \x01(\x01\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\x12\x11\n\tstage1_ms\x18\x07 \x01(\x01\x12\x15\n\rimportance_ms\x18\x08 \x01(\x01\x12\x11\n\tstage2_ms\x18\t \x01(\x01\"=\n\x0c\x45ncoderFlops\x12\x0f\n\x07\x65ncoder\x18\x01 \x01(\x01\x12\x1c\n\x14\x65ncoder_uncompressed\x18\x02 \x01(\x01\"\xaa\x03\n\x0c\x45ncodeHeader\x12)\n\x06tensor\x18\x01 \x01(\x0b\x32\x19.videollm.v1.TensorHeader\x12\x16\n\x0e\x66rames_sampled\x18\x02 \x01(\r\x12\x19\n\x11source_duration_s\x18\x03 \x01(\x01\x12\x12\n\nsource_fps\x18\x04 \x01(\x01\x12\x15\n\rsource_frames\x18\x05 \x01(\r\x12\x15\n\rframe_indices\x18\x06 \x03(\r\x12+\n\x07timings\x18\x07 \x01(\x0b\x32\x1a.videollm.v1.EncodeTimings\x12\x31\n\x0b\x63ompression\x18\x08 \x01(\x0b\x32\x1c.videollm.v1.CompressionInfo\x12\x10\n\x08model_id\x18\t \x01(\t\x12(\n\x05\x66lops\x18\n \x01(\x0b\x32\x19.videollm.v1.EncoderFlops\x12\x1b\n\x13uncompressed_tokens\x18\x0b \x01(\r\x12\x13\n\x0bpull_ticket\x18\x0c \x01(\t\x12\x16\n\x0e\x62\x61tch_requests\x18\r \x01(\r\x12\x14\n\x0c\x62\x61tch_frames\x18\x0e \x01(\r\"\x1d\n\x0bPullRequest\x12\x0e\n\x06ticket\x18\x01 \x01(\t\"p\n\x0e\x45ncodeResponse\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.videollm.v1.EncodeHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.videollm.v1.TensorChunkH\x00\x42\x06\n\x04item2\xcb\x01\n\x07\x45ncoder\x12\x43\n\x06\x45ncode\x12\x1a.videollm.v1.EncodeRequest\x1a\x1b.videollm.v1.EncodeResponse0\x01\x12?\n\x04Pull\x12\x18.videollm.v1.PullRequest\x1a\x1b.videollm.v1.EncodeResponse0\x01\x12:\n\x04Info\x12\x18.videollm.v1.InfoRequest\x1a\x18.videollm.v1.EncoderInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/videollm/v1/encoder.proto\x12\x0bvideollm.v1\x1a\x1fprotos/videollm/v1/tensor.proto\"\r\n\x0bInfoRequest\"\xb7\x03\n\x0b\x45ncoderInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_frames\x18\x02 \x01(\r\x12\x12\n\nmax_frames\x18\x03 \x01(\r\x12\x35\n\x13\x64\x65\x66\x61ult_compression\x18\x04 \x01(\x0b\x32\x18.videollm.v1.Compression\x12\x16\n\x0e\x65ncoder_layers\x18\x05 \x01(\r\x12\x18\n\x10tokens_per_frame\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x17\n\x0fmax_video_bytes\x18\t \x01(\x04\x12\x19\n\x11\x65ncodes_completed\x18\n \x01(\x04\x12\x19\n\x11peak_memory_bytes\x18\x0b \x01(\x04\x12\x14\n\x0cpulls_served\x18\x0c \x01(\x04\x12\x15\n\rtower_batches\x18\r \x01(\x04\x12\x18\n\x10\x62\x61tch_max_frames\x18\x0e \x01(\r\x12\x1a\n\x12\x62\x61tch_max_requests\x18\x0f \x01(\r\x12\x15\n\rsettings_json\x18\x10 \x01(\t\x12\x14\n\x0cvideos_taken\x18\x11 \x01(\x04\"#\n\rFrameSampling\x12\x12\n\nnum_frames\x18\x01 \x01(\r\"\x9b\x02\n\x0b\x43ompression\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x19\n\x0cretain_ratio\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03tau\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_window\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x10\n\x03\x65ma\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12,\n\x0cprune_layers\x18\x06 \x01(\x0b\x32\x16.videollm.v1.LayerList\x12\x0e\n\x01\x64\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x0e\n\x01k\x18\x08 \x01(\rH\x05\x88\x01\x01\x12\x11\n\x04\x62\x65ta\x18\t \x01(\x01H\x06\x88\x01\x01\x42\x0f\n\r_retain_ratioB\x06\n\x04_tauB\r\n\x0b_max_windowB\x06\n\x04_emaB\x04\n\x02_dB\x04\n\x02_kB\x07\n\x05_beta\"\x1b\n\tLayerList\x12\x0e\n\x06layers\x18\x01 \x03(\r\"\xcd\x01\n\rEncodeRequest\x12\r\n\x05video\x18\x01 \x01(\x0c\x12,\n\x08sampling\x18\x02 \x01(\x0b\x32\x1a.videollm.v1.FrameSampling\x12-\n\x0b\x63ompression\x18\x03 \x01(\x0b\x32\x18.videollm.v1.Compression\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x12\n\noffer_pull\x18\x05 \x01(\x08\x12\x14\n\x0cvideo_ticket\x18\x06 \x01(\t\x12\x12\n\nvideo_size\x18\x07 \x01(\x04\"&\n\x07Segment\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\x0c\n\x04last\x18\x02 \x01(\r\"\"\n\rKeptPositions\x12\x11\n\tpositions\x18\x01 \x03(\r\"\x88\x02\n\x0f\x43ompressionInfo\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x1a\n\x12\x66rames_after_merge\x18\x02 \x01(\r\x12&\n\x08segments\x18\x03 \x03(\x0b\x32\x14.videollm.v1.Segment\x12(\n\x04kept\x18\x04 \x03(\x0b\x32\x1a.videollm.v1.KeptPositions\x12*\n\x08settings\x18\x05 \x01(\x0b\x32\x18.videollm.v1.Compression\x12\x18\n\x10tokens_per_frame\x18\x06 \x01(\r\x12\x14\n\x0clayer_frames\x18\x07 \x03(\r\x12\x1b\n\x13scaled_prune_layers\x18\x08 \x03(\r\"\xc3\x01\n\rEncodeTimings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x11\n\tvision_ms\x18\x03 \x01(\x01\x12\x14\n\x0cprojector_ms\x18\x04 \x01(\x01\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\x12\x11\n\tstage1_ms\x18\x07 \x01(\x01\x12\x15\n\rimportance_ms\x18\x08 \x01(\x01\x12\x11\n\tstage2_ms\x18\t \x01(\x01\"=\n\x0c\x45ncoderFlops\x12\x0f\n\x07\x65ncoder\x18\x01 \x01(\x01\x12\x1c\n\x14\x65ncoder_uncompressed\x18\x02 \x01(\x01\"\xaa\x03\n\x0c\x45ncodeHeader\x12)\n\x06tensor\x18\x01 \x01(\x0b\x32\x19.videollm.v1.TensorHeader\x12\x16\n\x0e\x66rames_sampled\x18\x02 \x01(\r\x12\x19\n\x11source_duration_s\x18\x03 \x01(\x01\x12\x12\n\nsource_fps\x18\x04 \x01(\x01\x12\x15\n\rsource_frames\x18\x05 \x01(\r\x12\x15\n\rframe_indices\x18\x06 \x03(\r\x12+\n\x07timings\x18\x07 \x01(\x0b\x32\x1a.videollm.v1.EncodeTimings\x12\x31\n\x0b\x63ompression\x18\x08 \x01(\x0b\x32\x1c.videollm.v1.CompressionInfo\x12\x10\n\x08model_id\x18\t \x01(\t\x12(\n\x05\x66lops\x18\n \x01(\x0b\x32\x19.videollm.v1.EncoderFlops\x12\x1b\n\x13uncompressed_tokens\x18\x0b \x01(\r\x12\x13\n\x0bpull_ticket\x18\x0c \x01(\t\x12\x16\n\x0e\x62\x61tch_requests\x18\r \x01(\r\x12\x14\n\x0c\x62\x61tch_frames\x18\x0e \x01(\r\"\x1d\n\x0bPullRequest\x12\x0e\n\x06ticket\x18\x01 \x01(\t\"p\n\x0e\x45ncodeResponse\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.videollm.v1.EncodeHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.videollm.v1.TensorChunkH\x00\x42\x06\n\x04item2\xcb\x01\n\x07\x45ncoder\x12\x43\n\x06\x45ncode\x12\x1a.videollm.v1.EncodeRequest\x1a\x1b.videollm.v1.EncodeResponse0\x01\x12?\n\x04Pull\x12\x18.videollm.v1.PullRequest\x1a\x1b.videollm.v1.EncodeResponse0\x01\x12:\n\x04Info\x12\x18.videollm.v1.InfoRequest\x1a\x18.videollm.v1.EncoderInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,31 +35,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_start=82
   _globals['_INFOREQUEST']._serialized_end=95
   _globals['_ENCODERINFO']._serialized_start=98
-  _globals['_ENCODERINFO']._serialized_end=515
-  _globals['_FRAMESAMPLING']._serialized_start=517
-  _globals['_FRAMESAMPLING']._serialized_end=552
-  _globals['_COMPRESSION']._serialized_start=555
-  _globals['_COMPRESSION']._serialized_end=838
-  _globals['_LAYERLIST']._serialized_start=840
-  _globals['_LAYERLIST']._serialized_end=867
-  _globals['_ENCODEREQUEST']._serialized_start=870
-  _globals['_ENCODEREQUEST']._serialized_end=1033
-  _globals['_SEGMENT']._serialized_start=1035
-  _globals['_SEGMENT']._serialized_end=1073
-  _globals['_KEPTPOSITIONS']._serialized_start=1075
-  _globals['_KEPTPOSITIONS']._serialized_end=1109
-  _globals['_COMPRESSIONINFO']._serialized_start=1112
-  _globals['_COMPRESSIONINFO']._serialized_end=1376
-  _globals['_ENCODETIMINGS']._serialized_start=1379
-  _globals['_ENCODETIMINGS']._serialized_end=1574
-  _globals['_ENCODERFLOPS']._serialized_start=1576
-  _globals['_ENCODERFLOPS']._serialized_end=1637
-  _globals['_ENCODEHEADER']._serialized_start=1640
-  _globals['_ENCODEHEADER']._serialized_end=2066
-  _globals['_PULLREQUEST']._serialized_start=2068
-  _globals['_PULLREQUEST']._serialized_end=2097
-  _globals['_ENCODERESPONSE']._serialized_start=2099
-  _globals['_ENCODERESPONSE']._serialized_end=2211
-  _globals['_ENCODER']._serialized_start=2214
-  _globals['_ENCODER']._serialized_end=2417
+  _globals['_ENCODERINFO']._serialized_end=537
+  _globals['_FRAMESAMPLING']._serialized_start=539
+  _globals['_FRAMESAMPLING']._serialized_end=574
+  _globals['_COMPRESSION']._serialized_start=577
+  _globals['_COMPRESSION']._serialized_end=860
+  _globals['_LAYERLIST']._serialized_start=862
+  _globals['_LAYERLIST']._serialized_end=889
+  _globals['_ENCODEREQUEST']._serialized_start=892
+  _globals['_ENCODEREQUEST']._serialized_end=1097
+  _globals['_SEGMENT']._serialized_start=1099
+  _globals['_SEGMENT']._serialized_end=1137
+  _globals['_KEPTPOSITIONS']._serialized_start=1139
+  _globals['_KEPTPOSITIONS']._serialized_end=1173
+  _globals['_COMPRESSIONINFO']._serialized_start=1176
+  _globals['_COMPRESSIONINFO']._serialized_end=1440
+  _globals['_ENCODETIMINGS']._serialized_start=1443
+  _globals['_ENCODETIMINGS']._serialized_end=1638
+  _globals['_ENCODERFLOPS']._serialized_start=1640
+  _globals['_ENCODERFLOPS']._serialized_end=1701
+  _globals['_ENCODEHEADER']._serialized_start=1704
+  _globals['_ENCODEHEADER']._serialized_end=2130
+  _globals['_PULLREQUEST']._serialized_start=2132
+  _globals['_PULLREQUEST']._serialized_end=2161
+  _globals['_ENCODERESPONSE']._serialized_start=2163
+  _globals['_ENCODERESPONSE']._serialized_end=2275
+  _globals['_ENCODER']._serialized_start=2278
+  _globals['_ENCODER']._serialized_end=2481
 # @@protoc_insertion_point(module_scope)

@@ -12,7 +12,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EncoderInfo(_message.Message):
-    __slots__ = ("model_id", "default_frames", "max_frames", "default_compression", "encoder_layers", "tokens_per_frame", "hidden_size", "dtype", "max_video_bytes", "encodes_completed", "peak_memory_bytes", "pulls_served", "tower_batches", "batch_max_frames", "batch_max_requests", "settings_json")
+    __slots__ = ("model_id", "default_frames", "max_frames", "default_compression", "encoder_layers", "tokens_per_frame", "hidden_size", "dtype", "max_video_bytes", "encodes_completed", "peak_memory_bytes", "pulls_served", "tower_batches", "batch_max_frames", "batch_max_requests", "settings_json", "videos_taken")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_FRAMES_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class EncoderInfo(_message.Message):
     BATCH_MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
     BATCH_MAX_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    VIDEOS_TAKEN_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     default_frames: int
     max_frames: int
@@ -45,7 +46,8 @@ class EncoderInfo(_message.Message):
     batch_max_frames: int
     batch_max_requests: int
     settings_json: str
-    def __init__(self, model_id: _Optional[str] = ..., default_frames: _Optional[int] = ..., max_frames: _Optional[int] = ..., default_compression: _Optional[_Union[Compression, _Mapping]] = ..., encoder_layers: _Optional[int] = ..., tokens_per_frame: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., max_video_bytes: _Optional[int] = ..., encodes_completed: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., pulls_served: _Optional[int] = ..., tower_batches: _Optional[int] = ..., batch_max_frames: _Optional[int] = ..., batch_max_requests: _Optional[int] = ..., settings_json: _Optional[str] = ...) -> None: ...
+    videos_taken: int
+    def __init__(self, model_id: _Optional[str] = ..., default_frames: _Optional[int] = ..., max_frames: _Optional[int] = ..., default_compression: _Optional[_Union[Compression, _Mapping]] = ..., encoder_layers: _Optional[int] = ..., tokens_per_frame: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., max_video_bytes: _Optional[int] = ..., encodes_completed: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., pulls_served: _Optional[int] = ..., tower_batches: _Optional[int] = ..., batch_max_frames: _Optional[int] = ..., batch_max_requests: _Optional[int] = ..., settings_json: _Optional[str] = ..., videos_taken: _Optional[int] = ...) -> None: ...
 
 class FrameSampling(_message.Message):
     __slots__ = ("num_frames",)
@@ -82,18 +84,22 @@ class LayerList(_message.Message):
     def __init__(self, layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("video", "sampling", "compression", "request_id", "offer_pull")
+    __slots__ = ("video", "sampling", "compression", "request_id", "offer_pull", "video_ticket", "video_size")
     VIDEO_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OFFER_PULL_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_TICKET_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_SIZE_FIELD_NUMBER: _ClassVar[int]
     video: bytes
     sampling: FrameSampling
     compression: Compression
     request_id: str
     offer_pull: bool
-    def __init__(self, video: _Optional[bytes] = ..., sampling: _Optional[_Union[FrameSampling, _Mapping]] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ..., request_id: _Optional[str] = ..., offer_pull: _Optional[bool] = ...) -> None: ...
+    video_ticket: str
+    video_size: int
+    def __init__(self, video: _Optional[bytes] = ..., sampling: _Optional[_Union[FrameSampling, _Mapping]] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ..., request_id: _Optional[str] = ..., offer_pull: _Optional[bool] = ..., video_ticket: _Optional[str] = ..., video_size: _Optional[int] = ...) -> None: ...
 
 class Segment(_message.Message):
     __slots__ = ("first", "last")
