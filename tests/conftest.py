@@ -148,12 +148,16 @@ def gateway_settings(encoders: list[str], llms: list[str], redis_url: str | None
                            **overrides)
 
 
+def stack_gateway(encoder_service, llm_service, redis_server) -> GatewayServer:
+    """A gateway in front of the session's encoder, LLM and Redis (a `with` block runs it)."""
+    return GatewayServer(gateway_settings([encoder_service.address], [llm_service.address], redis_server.url,
+                                          max_upload_bytes=8 << 20))
+
+
 @pytest.fixture(scope="session")
 def gateway(encoder_service, llm_service, redis_server):
     """The whole stack: gateway -> encoder + LLM, with the session's Redis."""
-    settings = gateway_settings([encoder_service.address], [llm_service.address], redis_server.url,
-                                max_upload_bytes=8 << 20)
-    with GatewayServer(settings) as server:
+    with stack_gateway(encoder_service, llm_service, redis_server) as server:
         yield server
 
 

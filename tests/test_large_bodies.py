@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import GatewayServer, gateway_settings
+from conftest import stack_gateway
 from gateway.body import parse_chat_body
 from gateway.schemas import ChatCompletionRequest
 from helpers import data_url, encoder_calls, video_chat
@@ -34,9 +34,7 @@ def clip() -> bytes:
 @pytest.fixture(scope="module")
 def other_gateway(encoder_service, llm_service, redis_server):
     """A second gateway replica beside the session's, on the same Redis, encoder and LLM."""
-    settings = gateway_settings([encoder_service.address], [llm_service.address], redis_server.url,
-                                max_upload_bytes=8 << 20)
-    with GatewayServer(settings) as server:
+    with stack_gateway(encoder_service, llm_service, redis_server) as server:
         yield server
 
 
