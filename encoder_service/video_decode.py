@@ -24,19 +24,25 @@ import mmap
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import av
 import numpy as np
 
+from encoder_service import orientation
 from encoder_service.entry_points import clean_entry
+from encoder_service.errors import VideoError
+from encoder_service.orientation import Orientation
 
 
 _CORES = os.cpu_count() or 1
 # One pool for the decoding of every request: concurrent requests queue for the cores instead of
 # each starting its own threads (16 requests x runs x FFmpeg threads would oversubscribe them).
 _POOL = ThreadPoolExecutor(max_workers=_CORES, thread_name_prefix="decode")
+# The orientation probes, apart from the runs: a run's frames wait for their probe, and a probe
+# never waits for anything, so it cannot be stuck behind runs that wait for it.
+_PROBES = ThreadPoolExecutor(max_workers=_CORES, thread_name_prefix="orientation")
 
 
 def decoder_threads(runs: int) -> int:
@@ -45,10 +51,6 @@ def decoder_threads(runs: int) -> int:
     to, so an even share leaves cores idle), at least 1 and at most 8. The rule was chosen by
     measuring it against an even share and a flat 8 (docs/bench/README.md)."""
     return max(1, min(8, 2 * _CORES // max(1, runs)))
-
-
-class VideoError(ValueError):
-    """The bytes are not a decodable video within the limits; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -60,11 +62,12 @@ class VideoLimits:
 
 @dataclass(frozen=True)
 class DecodedVideo:
-    frames: np.ndarray  # [T, H, W, 3] uint8 RGB
+    frames: np.ndarray  # [T, H, W, 3] uint8 RGB, upright (the display matrix applied)
     frame_indices: list[int]  # index of each sampled frame in the source
     source_frames: int
     fps: float
     duration_s: float
+    orientation: Orientation = Orientation()
 
 
 def sample_indices(n_frames: int, num_samples: int) -> list[int]:
@@ -251,8 +254,9 @@ class _Frames:
     its frames into their places on its own worker, so no serial stack of every frame at the end
     (32 frames of 1080p are 200 MB: 30-45 ms for one thread)."""
 
-    def __init__(self, indices: list[int], allocate: Allocate):
+    def __init__(self, indices: list[int], allocate: Allocate, turn: Future[Orientation]):
         self.allocate = allocate
+        self.turn = turn
         self.slots: dict[int, list[int]] = {}
         for slot, index in enumerate(indices):
             self.slots.setdefault(index, []).append(slot)
@@ -262,7 +266,9 @@ class _Frames:
         self._lock = threading.Lock()
 
     def fill(self, part: dict[int, np.ndarray]) -> None:
-        for index, frame in part.items():
+        upright = self.turn.result().upright
+        for index, stored in part.items():
+            frame = upright(stored)  # a view: turned while it is copied into place
             with self._lock:
                 if self.array is None:
                     self.array = self.allocate((self.count, *frame.shape))
@@ -276,13 +282,14 @@ class _Frames:
                 self.filled.add(index)
 
 
-def _decode_selected(index: _Index, indices: list[int], allocate: Allocate) -> _Frames:
+def _decode_selected(index: _Index, indices: list[int], allocate: Allocate,
+                     turn: Future[Orientation]) -> _Frames:
     """The frames at `indices`, decoded in parallel from the keyframes that precede them, each run
     a task of the shared pool (FFmpeg releases the GIL while it decodes). The runs that feed the
     most packets go first, so that the longest does not start last."""
     runs = sorted(_runs(index, indices).items(), key=lambda run: _packets_fed(index, *run), reverse=True)
     threads = decoder_threads(len(runs))
-    frames = _Frames(indices, allocate)  # a lone run goes through the pool too, so the pool bounds every decode
+    frames = _Frames(indices, allocate, turn)  # a lone run goes through the pool too, so the pool bounds every decode
     for _ in _POOL.map(lambda run: frames.fill(_decode_from_clean_entry(index, *run, threads)), runs):
         pass
     return frames
@@ -298,7 +305,8 @@ def _empty(shape: tuple[int, ...]) -> np.ndarray:
     return np.empty(shape, dtype=np.uint8)
 
 
-def decode_video(data: bytes | mmap.mmap, num_frames: int, limits: VideoLimits, allocate: Allocate = _empty) -> DecodedVideo:
+def decode_video(data: bytes | mmap.mmap, num_frames: int, limits: VideoLimits,
+                 allocate: Allocate = _empty) -> DecodedVideo:
     """allocate(shape) -> the uint8 array the frames are decoded into (the encoder passes page-locked
     memory on a GPU, so that the frames go to the GPU in one fast copy)."""
     if not data:
@@ -313,13 +321,18 @@ def decode_video(data: bytes | mmap.mmap, num_frames: int, limits: VideoLimits, 
         if header.duration_s > limits.max_duration_s:
             raise VideoError(f"the video lasts {header.duration_s:.0f} s; the limit is {limits.max_duration_s:.0f} s")
         index = _demux(container)
-    if index.frames == 0:
-        raise VideoError("the video has no decodable frames")
-    indices = sample_indices(index.frames, num_frames)
-    frames = _decode_selected(index, indices, allocate)
+        if index.frames == 0:
+            raise VideoError("the video has no decodable frames")
+        # beside the runs, on the container's own decoder (the only one that sees the display matrix)
+        turn = _PROBES.submit(orientation.probe, container.streams.video[0].codec_context, index.packets)
+        try:
+            indices = sample_indices(index.frames, num_frames)
+            frames = _decode_selected(index, indices, allocate, turn)
+        finally:
+            turn.exception()  # the probe is done with the container before it closes
     if len(frames.filled) < len(frames.slots):
         raise VideoError("the video is corrupt or truncated: frames could not be decoded")
     duration = header.duration_s
     if duration <= 0 and header.fps > 0:
         duration = index.frames / header.fps
-    return DecodedVideo(frames.array, indices, index.frames, header.fps, duration)
+    return DecodedVideo(frames.array, indices, index.frames, header.fps, duration, turn.result())

@@ -187,6 +187,9 @@ def encoding_report(header: encoder_pb2.EncodeHeader, final: llm_pb2.GenerateFin
             "fps": round(header.source_fps, 3),
             "frames": header.source_frames,
             "frame_indices": list(header.frame_indices),
+            # how the frames were turned upright from their storage (the display matrix)
+            "rotation": header.source_rotation,
+            "mirrored": header.source_mirrored,
         },
         "frames_after_merge": info.frames_after_merge,
         "segments": [[s.first, s.last] for s in info.segments],
