@@ -31,6 +31,7 @@ def header_for(result: EncodeResult, tensor: tensor_pb2.TensorHeader, model_id: 
         source_frames=result.video.source_frames,
         source_rotation=result.video.orientation.rotation,
         source_mirrored=result.video.orientation.mirrored,
+        frame_timestamps_s=result.video.timestamps_s or [],
         frame_indices=result.video.frame_indices,
         timings=encoder_pb2.EncodeTimings(**vars(result.timings)),
         compression=encoder_pb2.CompressionInfo(

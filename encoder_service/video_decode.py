@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -68,6 +69,7 @@ class DecodedVideo:
     fps: float
     duration_s: float
     orientation: Orientation = Orientation()
+    timestamps_s: list[float] | None = None  # when each sampled frame is shown, from the first frame
 
 
 def sample_indices(n_frames: int, num_samples: int) -> list[int]:
@@ -97,8 +99,17 @@ class _Header:
     duration_s: float  # 0 when the container does not say
 
 
+def _video_stream(container):
+    """The video track a player would show: FFmpeg's best video stream (the default track among
+    several, never cover art), however many audio or other tracks come before it."""
+    try:
+        return container.streams.best("video")
+    except ValueError:
+        return None
+
+
 def _header(container) -> _Header:
-    stream = container.streams.video[0]
+    stream = _video_stream(container)
     if stream.duration is not None and stream.time_base is not None:
         duration = float(stream.duration * stream.time_base)
     else:
@@ -119,29 +130,61 @@ class _Index:
     pts: list[int] | None  # presentation time of each frame in presentation order; None when not usable
     keyframes: list[int]  # presentation indices where decoding can start
     entry: dict[int, int]  # keyframe's presentation index -> its packet's position in decode order
+    time_base: Fraction | None = None  # of pts
+    last_duration: int = 0  # how long the last frame is shown, in time_base (0: not said)
 
     @property
     def frames(self) -> int:
         return len(self.packets)
 
+    def timestamps_s(self, indices: list[int]) -> list[float] | None:
+        """When each frame at `indices` is shown, in seconds from the first frame (variable frame
+        rates included); None without usable timestamps."""
+        if self.pts is None or self.time_base is None:
+            return None
+        return [float((self.pts[i] - self.pts[0]) * self.time_base) for i in indices]
+
+    def span_s(self) -> float | None:
+        """From the first frame until the last one ends, in seconds; None without timestamps."""
+        if self.pts is None or self.time_base is None:
+            return None
+        gaps = np.diff(self.pts)
+        last = self.last_duration or (int(np.median(gaps)) if len(gaps) else 0)
+        return float((self.pts[-1] - self.pts[0] + last) * self.time_base)
+
+
+def _decodable(packets: list, is_clean) -> list:
+    """The packets from the first clean entry point on. A clip cut in the middle of a GOP starts
+    with frames that refer to frames it no longer has: a decoder makes garbage of them or nothing,
+    so they are left out, with the frames after the entry point that are shown before it (they
+    refer to the GOP that was cut). A clip that starts at a keyframe loses nothing."""
+    first = next((i for i, packet in enumerate(packets) if is_clean(packet)), 0)
+    if first == 0 or any(packet.pts is None for packet in packets):
+        return packets
+    shown_from = packets[first].pts
+    return [packet for packet in packets[first:] if packet.pts >= shown_from]
+
 
 def _demux(container) -> _Index:
-    stream = container.streams.video[0]
+    stream = _video_stream(container)
     try:
         packets = [packet for packet in container.demux(stream) if packet.size > 0]
     except av.FFmpegError as err:
         raise VideoError(f"the video is corrupt or truncated: {err}") from err
     codec = stream.codec_context
+    clean = {id(packet) for packet in packets
+             if packet.is_keyframe and clean_entry(codec.name, codec.extradata, bytes(packet))}
+    packets = _decodable(packets, lambda packet: id(packet) in clean)
     pts = [packet.pts for packet in packets]
     if None in pts or len(set(pts)) != len(pts):  # no usable timestamps: decode from the start only
         return _Index(codec.codec, codec.extradata, codec.width, codec.height, packets, None, [0], {0: 0})
     order = sorted(range(len(pts)), key=pts.__getitem__)  # decode order -> presentation order
     rank = {pts[i]: r for r, i in enumerate(order)}
-    entry = {rank[pts[i]]: i for i, packet in enumerate(packets)
-             if packet.is_keyframe and clean_entry(codec.name, codec.extradata, bytes(packet))}
+    entry = {rank[pts[i]]: i for i, packet in enumerate(packets) if id(packet) in clean}
     entry.setdefault(0, 0)  # the first frame is always reached from the first packet
     return _Index(codec.codec, codec.extradata, codec.width, codec.height, packets,
-                  [pts[i] for i in order], sorted(entry), entry)
+                  [pts[i] for i in order], sorted(entry), entry, stream.time_base,
+                  packets[order[-1]].duration or 0)
 
 
 def _decoder(index: _Index, threads: int):
@@ -324,7 +367,7 @@ def decode_video(data: bytes | mmap.mmap, num_frames: int, limits: VideoLimits,
         if index.frames == 0:
             raise VideoError("the video has no decodable frames")
         # beside the runs, on the container's own decoder (the only one that sees the display matrix)
-        turn = _PROBES.submit(orientation.probe, container.streams.video[0].codec_context, index.packets)
+        turn = _PROBES.submit(orientation.probe, _video_stream(container).codec_context, index.packets)
         try:
             indices = sample_indices(index.frames, num_frames)
             frames = _decode_selected(index, indices, allocate, turn)
@@ -332,7 +375,10 @@ def decode_video(data: bytes | mmap.mmap, num_frames: int, limits: VideoLimits,
             turn.exception()  # the probe is done with the container before it closes
     if len(frames.filled) < len(frames.slots):
         raise VideoError("the video is corrupt or truncated: frames could not be decoded")
-    duration = header.duration_s
-    if duration <= 0 and header.fps > 0:
-        duration = index.frames / header.fps
-    return DecodedVideo(frames.array, indices, index.frames, header.fps, duration, turn.result())
+    # from the frames' own timestamps where they are usable: right for variable frame rates too
+    duration = index.span_s() or header.duration_s
+    fps = index.frames / duration if index.span_s() else header.fps
+    if duration <= 0 and fps > 0:
+        duration = index.frames / fps
+    return DecodedVideo(frames.array, indices, index.frames, fps, duration, turn.result(),
+                        index.timestamps_s(indices))

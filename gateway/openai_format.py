@@ -187,6 +187,8 @@ def encoding_report(header: encoder_pb2.EncodeHeader, final: llm_pb2.GenerateFin
             "fps": round(header.source_fps, 3),
             "frames": header.source_frames,
             "frame_indices": list(header.frame_indices),
+            # when each sampled frame is shown, from the frames' own timestamps (null when the file has none)
+            "timestamps_s": [round(t, 6) for t in header.frame_timestamps_s] or None,
             # how the frames were turned upright from their storage (the display matrix)
             "rotation": header.source_rotation,
             "mirrored": header.source_mirrored,

@@ -13,7 +13,7 @@ import pytest
 from encoder_service.orientation import Orientation, from_display_matrix
 from encoder_service.video_decode import VideoError, VideoLimits, decode_video
 from helpers import data_url, video_chat
-from videos import moving_frames
+from videos import encode, make_vfr_video, moving_frames
 
 LIMITS = VideoLimits(max_bytes=1 << 30, max_duration_s=3600, max_frame_pixels=1 << 24)
 
@@ -77,3 +77,92 @@ def test_the_answer_reports_how_the_frames_were_turned(gateway, clean_redis):
     assert response.status_code == 200, response.text
     source = response.json()["videollm"]["source"]
     assert (source["rotation"], source["mirrored"]) == (270, True)
+
+
+def _write(container_format: str, tracks) -> bytes:
+    """A file of several tracks; `tracks` is a list of (kind, frames or None, options) in stream
+    order: ("video", frames, {"default": bool, "pts_from": int}) or ("audio", None, {})."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container_format) as container:
+        streams = []
+        for kind, frames, options in tracks:
+            if kind == "audio":
+                stream = container.add_stream("aac", rate=48000)
+            else:
+                stream = container.add_stream("libx264", rate=24, options={"g": "8", "bf": "2"})
+                stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+            stream.disposition = av.stream.Disposition.default if options.get("default") else 0
+            streams.append(stream)
+        for (kind, frames, options), stream in zip(tracks, streams):
+            if kind == "audio":
+                samples = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp",
+                                                     layout="mono")
+                samples.sample_rate, samples.pts = 48000, 0
+                for packet in [*stream.encode(samples), *stream.encode()]:
+                    container.mux(packet)
+                continue
+            for i, image in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+                frame.pts = options.get("pts_from", 0) + i
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    return buffer.getvalue()
+
+
+def test_of_several_video_tracks_the_default_one_is_decoded():
+    # the other track is first and larger: only its disposition says it is not the one to show
+    other, wanted = moving_frames(16, 128, 96, seed=11), moving_frames(16, 96, 64, seed=12)
+    video = _write("matroska", [("video", other, {"default": False}), ("video", wanted, {"default": True})])
+    decoded = decode_video(video, 4, LIMITS)
+    assert decoded.frames.shape == (4, 64, 96, 3)
+
+
+def test_a_leading_audio_track_and_a_late_start_change_nothing():
+    frames = moving_frames(24, 96, 64, seed=13)
+    plain = decode_video(_write("mp4", [("video", frames, {})]), 6, LIMITS)
+    odd = decode_video(_write("mp4", [("audio", None, {}), ("video", frames, {"pts_from": 48})]), 6, LIMITS)
+    assert odd.source_frames == plain.source_frames == 24
+    assert np.array_equal(odd.frames, plain.frames)
+    assert odd.timestamps_s == plain.timestamps_s  # from the first frame shown, wherever it starts
+
+
+def test_a_clip_cut_in_the_middle_of_a_gop_starts_at_its_first_keyframe():
+    """The first packets refer to frames the file no longer has: they are left out, not decoded
+    to garbage, and sampling starts at the first frame that decodes as the source meant it."""
+    whole = encode(moving_frames(40, 96, 64, seed=14), "mp4", options={"g": "10", "bf": "2",
+                                                                      "x264-params": "scenecut=0"})
+    with av.open(io.BytesIO(whole)) as source:
+        packets = [packet for packet in source.demux(video=0) if packet.size]
+        cut = io.BytesIO()
+        with av.open(cut, "w", format="mp4") as target:
+            stream = target.add_stream_from_template(source.streams.video[0])
+            for packet in packets[4:]:  # inside the first GOP: P and B frames without their keyframe
+                packet.stream = stream
+                target.mux(packet)
+    decoded = decode_video(cut.getvalue(), 5, LIMITS)
+    full = as_stored(whole)
+    assert decoded.source_frames == 30  # the three GOPs that remain whole
+    assert np.array_equal(decoded.frames, full[10:][decoded.frame_indices])
+
+
+def test_variable_frame_rate_timestamps_fps_and_duration_come_from_the_frames():
+    gaps_ms = [33, 33, 50, 17, 100, 33]
+    video = make_vfr_video(moving_frames(30, 96, 64, seed=15), gaps_ms)
+    decoded = decode_video(video, 30, LIMITS)
+    shown_at = np.concatenate([[0], np.cumsum([gaps_ms[i % len(gaps_ms)] for i in range(29)])]) / 1000
+    assert np.allclose(decoded.timestamps_s, shown_at, atol=1e-3)
+    assert decoded.duration_s == pytest.approx(shown_at[-1] + np.median(np.diff(shown_at)), abs=2e-3)
+    assert decoded.fps == pytest.approx(30 / decoded.duration_s)
+
+
+def test_the_answer_reports_when_the_sampled_frames_are_shown(gateway, clean_redis):
+    gaps_ms = [33, 33, 50, 17, 100, 33]
+    body = video_chat(data_url(make_vfr_video(moving_frames(30, 96, 64, seed=16), gaps_ms)), "When?",
+                      max_tokens=2, videollm={"num_frames": 4})
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    source = response.json()["videollm"]["source"]
+    shown_at = np.concatenate([[0], np.cumsum([gaps_ms[i % len(gaps_ms)] for i in range(29)])]) / 1000
+    assert np.allclose(source["timestamps_s"], shown_at[source["frame_indices"]], atol=1e-3)
