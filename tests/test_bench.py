@@ -183,8 +183,13 @@ def test_every_published_baseline_throughput_figure_says_how_it_was_obtained():
 
 
 def test_results_of_the_single_clip_bench_still_render_as_the_360p_clip():
+    single_clip = 0
     for path in sorted((ROOT / "docs" / "bench").glob("*.json")):
         results = json.loads(path.read_text())
+        if any("clip" in row for row in results["placements"][0].get("latency", [])):
+            report(results)  # a per-clip run renders too; its tables are the per-clip tests' business
+            continue
+        single_clip += 1
         table = report(results)  # rows without "clip" (or without the newer figures) still render
         latency = results["placements"][0].get("latency", [])
         rows = _rows(table, "Latency") if latency else []
@@ -196,6 +201,7 @@ def test_results_of_the_single_clip_bench_still_render_as_the_360p_clip():
             assert cells[7] == "-", (path.name, line)  # no hit by an uploaded id was measured then
             assert (cells[12] != "-") == (row["frames"] in baseline_frames), (path.name, line)  # matched by clip, frames
         assert "## Throughput on the 360p clip" in table, path.name
+    assert single_clip >= 5  # the files written before clips existed
 
 
 def test_the_latency_table_compares_each_clip_with_the_baseline_of_that_clip():
