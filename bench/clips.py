@@ -1,8 +1,8 @@
 """The benchmark's clips, by name: the 360p scene clip and footage like a phone's at 720p and 1080p.
 
 Every clip is generated (no file to download) and deterministic: the same name gives the same
-bytes on any machine with the same FFmpeg build (x264's thread count is fixed, since its output
-depends on it). Long clips take a while to encode, so `clip()` keeps them in a cache directory.
+bytes on any machine with the same FFmpeg build (x264 runs on one thread: with several, its output
+varies from run to run). Long clips take a while to encode, so `clip()` keeps them in a cache directory.
 
 Phone footage is what product backends send: H.264 High profile with B-frames, 30 fps, a fixed
 GOP of 1-2 s (phones do not cut GOPs at scene changes), and about the bitrate a phone records at
@@ -47,7 +47,10 @@ CLIPS: dict[str, PhoneClip | None] = {  # None: the 360p scene clip of bench/vid
     "1080p-30s": PhoneClip(1920, 1080, 30.0, gop_s=2.0, bitrate_mbps=16.0),
     "720p-2min": PhoneClip(1280, 720, 120.0, gop_s=1.0, bitrate_mbps=8.0),
 }
-X264_THREADS = "8"  # fixed: x264's output depends on its thread count
+# one thread: with several, x264's output changes from run to run (measured: four encodes of the
+# same 2 s clip at 8 threads gave four different files and frames); a 1080p 30 s clip then takes
+# about 75 s to make on the 2-core CPU, once
+X264_THREADS = "1"
 
 
 def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:
@@ -156,7 +159,7 @@ def clip(name: str, cache_dir: Path | None = None) -> bytes:
     return data
 
 
-_GENERATOR_VERSION = 1  # bump when _phone_frames or encode_phone_clip change what they make
+_GENERATOR_VERSION = 2  # bump when _phone_frames or encode_phone_clip change what they make
 
 
 def describe(data: bytes) -> dict:

@@ -106,7 +106,8 @@ def _scene(index: int, t: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
 def benchmark_clip() -> bytes:
     ys, xs = np.mgrid[0:HEIGHT, 0:WIDTH]
     frames = (_scene(scene, t, ys, xs) for scene in range(4) for t in range(SCENE_SECONDS * FPS))
-    return encode(frames, "mp4", FPS, {"preset": "veryfast", "crf": "23"})
+    # one x264 thread: with several, its output varies from run to run (bench/clips.py)
+    return encode(frames, "mp4", FPS, {"preset": "veryfast", "crf": "23", "threads": "1"})
 
 
 def variant(clip: bytes, index: int) -> bytes:

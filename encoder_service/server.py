@@ -32,6 +32,7 @@ def header_for(result: EncodeResult, tensor: tensor_pb2.TensorHeader, model_id: 
         source_rotation=result.video.orientation.rotation,
         source_mirrored=result.video.orientation.mirrored,
         frame_timestamps_s=result.video.timestamps_s or [],
+        source_color=encoder_pb2.SourceColor(**vars(result.video.color)),
         frame_indices=result.video.frame_indices,
         timings=encoder_pb2.EncodeTimings(**vars(result.timings)),
         compression=encoder_pb2.CompressionInfo(

@@ -31,7 +31,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from encoder_service import orientation
+from encoder_service import hdr, orientation
 from encoder_service.entry_points import clean_entry
 from encoder_service.errors import VideoError
 from encoder_service.orientation import Orientation
@@ -69,6 +69,7 @@ class DecodedVideo:
     fps: float
     duration_s: float
     orientation: Orientation = Orientation()
+    color: hdr.ColorReport = hdr.ColorReport.of(1, 1, 8)
     timestamps_s: list[float] | None = None  # when each sampled frame is shown, from the first frame
 
 
@@ -118,6 +119,43 @@ def _header(container) -> _Header:
                    float(stream.average_rate or stream.guessed_rate or 0.0), duration)
 
 
+UNSPECIFIED = 2  # FFmpeg's value of a colour tag that is not given
+
+
+@dataclass(frozen=True)
+class _Tags:
+    """A stream's colour tags (FFmpeg's enum values), as the container or the codec header gives them."""
+
+    transfer: int = UNSPECIFIED
+    primaries: int = UNSPECIFIED
+    matrix: int = UNSPECIFIED
+    range: int = 0  # AVCOL_RANGE_UNSPECIFIED
+    bit_depth: int = 8
+
+    @classmethod
+    def of(cls, codec) -> _Tags:
+        depth = codec.format.components[0].bits if codec.format is not None else 8
+        return cls(codec.color_trc, codec.color_primaries, codec.colorspace, codec.color_range, depth)
+
+    def report(self) -> hdr.ColorReport:
+        return hdr.ColorReport.of(self.transfer, self.primaries, self.bit_depth)
+
+
+def _pixels(frame, stream: _Tags) -> np.ndarray:
+    """A decoded frame -> [H, W, 3] uint8 RGB: SDR as swscale converts it (bit-exact with any plain
+    decode), HDR tone-mapped to BT.709 SDR (hdr.py). Tags the frame lacks come from the stream, as
+    FFmpeg gives them to the frames of a container's own decoder (the runs' decoders are made from
+    the codec alone)."""
+    if frame.colorspace == UNSPECIFIED and stream.matrix != UNSPECIFIED:
+        frame.colorspace = stream.matrix  # swscale picks the Y'CbCr matrix from it
+    if frame.color_range == 0 and stream.range != 0:
+        frame.color_range = stream.range
+    transfer = frame.color_trc if frame.color_trc != UNSPECIFIED else stream.transfer
+    if hdr.is_hdr(transfer):
+        return hdr.to_sdr(frame.to_ndarray(format="rgb48le"), transfer)  # [H, W, 3] uint16 R'G'B' in
+    return frame.to_ndarray(format="rgb24")
+
+
 @dataclass(frozen=True)
 class _Index:
     """What the one demux pass learns and keeps: the packets, the frame order, the keyframes."""
@@ -132,6 +170,7 @@ class _Index:
     entry: dict[int, int]  # keyframe's presentation index -> its packet's position in decode order
     time_base: Fraction | None = None  # of pts
     last_duration: int = 0  # how long the last frame is shown, in time_base (0: not said)
+    color: _Tags = field(default_factory=lambda: _Tags())  # the stream's, for frames whose own say nothing
 
     @property
     def frames(self) -> int:
@@ -177,14 +216,15 @@ def _demux(container) -> _Index:
     packets = _decodable(packets, lambda packet: id(packet) in clean)
     pts = [packet.pts for packet in packets]
     if None in pts or len(set(pts)) != len(pts):  # no usable timestamps: decode from the start only
-        return _Index(codec.codec, codec.extradata, codec.width, codec.height, packets, None, [0], {0: 0})
+        return _Index(codec.codec, codec.extradata, codec.width, codec.height, packets, None, [0], {0: 0},
+                      color=_Tags.of(codec))
     order = sorted(range(len(pts)), key=pts.__getitem__)  # decode order -> presentation order
     rank = {pts[i]: r for r, i in enumerate(order)}
     entry = {rank[pts[i]]: i for i, packet in enumerate(packets) if id(packet) in clean}
     entry.setdefault(0, 0)  # the first frame is always reached from the first packet
     return _Index(codec.codec, codec.extradata, codec.width, codec.height, packets,
                   [pts[i] for i in order], sorted(entry), entry, stream.time_base,
-                  packets[order[-1]].duration or 0)
+                  packets[order[-1]].duration or 0, _Tags.of(codec))
 
 
 def _decoder(index: _Index, threads: int):
@@ -218,7 +258,7 @@ def _decode_run(index: _Index, start: int, wanted: list[int], threads: int = 8) 
             at = rank.get(frame.pts, -1) if rank is not None else position
             position += 1
             if at in wanted_set and at not in found:
-                found[at] = frame.to_ndarray(format="rgb24")  # [H, W, 3]
+                found[at] = _pixels(frame, index.color)  # [H, W, 3]
             if len(found) == len(wanted) or at > wanted[-1]:
                 return True
         return False
@@ -380,5 +420,5 @@ def decode_video(data: bytes | mmap.mmap, num_frames: int, limits: VideoLimits,
     fps = index.frames / duration if index.span_s() else header.fps
     if duration <= 0 and fps > 0:
         duration = index.frames / fps
-    return DecodedVideo(frames.array, indices, index.frames, fps, duration, turn.result(),
+    return DecodedVideo(frames.array, indices, index.frames, fps, duration, turn.result(), index.color.report(),
                         index.timestamps_s(indices))

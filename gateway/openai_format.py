@@ -192,6 +192,9 @@ def encoding_report(header: encoder_pb2.EncodeHeader, final: llm_pb2.GenerateFin
             # how the frames were turned upright from their storage (the display matrix)
             "rotation": header.source_rotation,
             "mirrored": header.source_mirrored,
+            # the source's colour tags, and whether HDR (PQ, HLG) was tone-mapped to the SDR the model knows
+            "color": {"transfer": header.source_color.transfer, "primaries": header.source_color.primaries,
+                      "bit_depth": header.source_color.bit_depth, "conversion": header.source_color.conversion},
         },
         "frames_after_merge": info.frames_after_merge,
         "segments": [[s.first, s.last] for s in info.segments],

@@ -10,8 +10,10 @@ import httpx
 import numpy as np
 import pytest
 
+from encoder_service import hdr
 from encoder_service.orientation import Orientation, from_display_matrix
 from encoder_service.video_decode import VideoError, VideoLimits, decode_video
+from hdr_clips import hdr_clip, ramp_and_bars
 from helpers import data_url, video_chat
 from videos import encode, make_vfr_video, moving_frames
 
@@ -122,9 +124,11 @@ def test_of_several_video_tracks_the_default_one_is_decoded():
 def test_a_leading_audio_track_and_a_late_start_change_nothing():
     frames = moving_frames(24, 96, 64, seed=13)
     plain = decode_video(_write("mp4", [("video", frames, {})]), 6, LIMITS)
-    odd = decode_video(_write("mp4", [("audio", None, {}), ("video", frames, {"pts_from": 48})]), 6, LIMITS)
+    odd_video = _write("mp4", [("audio", None, {}), ("video", frames, {"pts_from": 48})])
+    odd = decode_video(odd_video, 6, LIMITS)
     assert odd.source_frames == plain.source_frames == 24
-    assert np.array_equal(odd.frames, plain.frames)
+    # each file against its own plain decode: two encodes of the same frames need not be bit-identical
+    assert np.array_equal(odd.frames, as_stored(odd_video)[odd.frame_indices])
     assert odd.timestamps_s == plain.timestamps_s  # from the first frame shown, wherever it starts
 
 
@@ -166,3 +170,46 @@ def test_the_answer_reports_when_the_sampled_frames_are_shown(gateway, clean_red
     source = response.json()["videollm"]["source"]
     shown_at = np.concatenate([[0], np.cumsum([gaps_ms[i % len(gaps_ms)] for i in range(29)])]) / 1000
     assert np.allclose(source["timestamps_s"], shown_at[source["frame_indices"]], atol=1e-3)
+
+
+@pytest.mark.parametrize("transfer", [hdr.PQ, hdr.HLG], ids=["pq", "hlg"])
+def test_hdr_comes_back_as_the_sdr_it_was_made_from(transfer):
+    image = ramp_and_bars()
+    decoded = decode_video(hdr_clip([image] * 4, transfer), 2, LIMITS)
+    got, want = decoded.frames[0].astype(int), image.astype(int)
+    assert decoded.color == hdr.ColorReport(
+        "pq" if transfer == hdr.PQ else "hlg", "bt2020", 10, "tone-mapped to BT.709 SDR")
+    ramp_got, ramp_want = got[0, 8::16, 0], want[0, 8::16, 0]
+    below_knee = ramp_want <= round(hdr.KNEE ** (1 / hdr.GAMMA) * 255)
+    assert np.abs(ramp_got - ramp_want)[below_knee].max() <= 2  # unchanged below the knee
+    assert np.all(np.diff(ramp_got) > 0) and ramp_got[-1] >= 245  # highlights rolled off, not clipped
+    bars_got, bars_want = got[48, 16::32], want[48, 16::32]  # the middle of each bar
+    lit = bars_want == 191
+    assert np.abs(bars_got - bars_want)[lit].max() <= 3
+    # a channel that is 0 in SDR is near 0 in BT.2020 too: 10-bit quantisation, raised by the gamma
+    assert bars_got[~lit].max() <= 25
+
+
+def test_hdr_read_as_sdr_would_be_far_off():
+    """Why the conversion exists (and a guard that the test above can fail): the same HDR signal
+    tagged as SDR decodes to a flat, washed-out image."""
+    image = ramp_and_bars()
+    naive = decode_video(hdr_clip([image] * 4, hdr.PQ, tag_transfer=False), 2, LIMITS)
+    assert naive.color.conversion == "none"
+    assert np.abs(naive.frames[0].astype(int) - image.astype(int))[0, 8::16, 0].max() > 40
+
+
+def test_sdr_frames_keep_the_bit_exact_path():
+    video = encode(moving_frames(12, 96, 64, seed=17), "mp4")
+    decoded = decode_video(video, 4, LIMITS)
+    assert decoded.color.conversion == "none" and decoded.color.bit_depth == 8
+    assert np.array_equal(decoded.frames, as_stored(video)[decoded.frame_indices])
+
+
+def test_the_answer_reports_the_source_colour_and_the_tone_mapping(gateway, clean_redis):
+    body = video_chat(data_url(hdr_clip([ramp_and_bars()] * 4, hdr.HLG)), "What colours?", max_tokens=2,
+                      videollm={"num_frames": 2})
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["videollm"]["source"]["color"] == {
+        "transfer": "hlg", "primaries": "bt2020", "bit_depth": 10, "conversion": "tone-mapped to BT.709 SDR"}

@@ -166,7 +166,7 @@ class EncoderFlops(_message.Message):
     def __init__(self, encoder: _Optional[float] = ..., encoder_uncompressed: _Optional[float] = ...) -> None: ...
 
 class EncodeHeader(_message.Message):
-    __slots__ = ("tensor", "frames_sampled", "source_duration_s", "source_fps", "source_frames", "frame_indices", "timings", "compression", "model_id", "flops", "uncompressed_tokens", "pull_ticket", "batch_requests", "batch_frames", "source_rotation", "source_mirrored", "frame_timestamps_s")
+    __slots__ = ("tensor", "frames_sampled", "source_duration_s", "source_fps", "source_frames", "frame_indices", "timings", "compression", "model_id", "flops", "uncompressed_tokens", "pull_ticket", "batch_requests", "batch_frames", "source_rotation", "source_mirrored", "frame_timestamps_s", "source_color")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     FRAMES_SAMPLED_FIELD_NUMBER: _ClassVar[int]
     SOURCE_DURATION_S_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +184,7 @@ class EncodeHeader(_message.Message):
     SOURCE_ROTATION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_MIRRORED_FIELD_NUMBER: _ClassVar[int]
     FRAME_TIMESTAMPS_S_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_COLOR_FIELD_NUMBER: _ClassVar[int]
     tensor: _tensor_pb2.TensorHeader
     frames_sampled: int
     source_duration_s: float
@@ -201,7 +202,20 @@ class EncodeHeader(_message.Message):
     source_rotation: int
     source_mirrored: bool
     frame_timestamps_s: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, tensor: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., frames_sampled: _Optional[int] = ..., source_duration_s: _Optional[float] = ..., source_fps: _Optional[float] = ..., source_frames: _Optional[int] = ..., frame_indices: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[EncodeTimings, _Mapping]] = ..., compression: _Optional[_Union[CompressionInfo, _Mapping]] = ..., model_id: _Optional[str] = ..., flops: _Optional[_Union[EncoderFlops, _Mapping]] = ..., uncompressed_tokens: _Optional[int] = ..., pull_ticket: _Optional[str] = ..., batch_requests: _Optional[int] = ..., batch_frames: _Optional[int] = ..., source_rotation: _Optional[int] = ..., source_mirrored: _Optional[bool] = ..., frame_timestamps_s: _Optional[_Iterable[float]] = ...) -> None: ...
+    source_color: SourceColor
+    def __init__(self, tensor: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., frames_sampled: _Optional[int] = ..., source_duration_s: _Optional[float] = ..., source_fps: _Optional[float] = ..., source_frames: _Optional[int] = ..., frame_indices: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[EncodeTimings, _Mapping]] = ..., compression: _Optional[_Union[CompressionInfo, _Mapping]] = ..., model_id: _Optional[str] = ..., flops: _Optional[_Union[EncoderFlops, _Mapping]] = ..., uncompressed_tokens: _Optional[int] = ..., pull_ticket: _Optional[str] = ..., batch_requests: _Optional[int] = ..., batch_frames: _Optional[int] = ..., source_rotation: _Optional[int] = ..., source_mirrored: _Optional[bool] = ..., frame_timestamps_s: _Optional[_Iterable[float]] = ..., source_color: _Optional[_Union[SourceColor, _Mapping]] = ...) -> None: ...
+
+class SourceColor(_message.Message):
+    __slots__ = ("transfer", "primaries", "bit_depth", "conversion")
+    TRANSFER_FIELD_NUMBER: _ClassVar[int]
+    PRIMARIES_FIELD_NUMBER: _ClassVar[int]
+    BIT_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    CONVERSION_FIELD_NUMBER: _ClassVar[int]
+    transfer: str
+    primaries: str
+    bit_depth: int
+    conversion: str
+    def __init__(self, transfer: _Optional[str] = ..., primaries: _Optional[str] = ..., bit_depth: _Optional[int] = ..., conversion: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("ticket",)
