@@ -36,6 +36,9 @@ class PhoneClip:
     gop_s: float = 2.0
     bitrate_mbps: float = 16.0
     grain: int = 3  # sensor noise, +-grain levels of luma
+    # None: 8-bit H.264. "hlg", "pq" or "bt709": 10-bit HEVC in BT.2020 tagged with this transfer, as
+    # recent phones record HDR (the picture is the same; what a decoder does with the tags is measured)
+    transfer: str | None = None
 
     @property
     def frames(self) -> int:
@@ -46,6 +49,9 @@ CLIPS: dict[str, PhoneClip | None] = {  # None: the 360p scene clip of bench/vid
     "360p": None,
     "1080p-30s": PhoneClip(1920, 1080, 30.0, gop_s=2.0, bitrate_mbps=16.0),
     "720p-2min": PhoneClip(1280, 720, 120.0, gop_s=1.0, bitrate_mbps=8.0),
+    # HDR as an iPhone records it (HEVC, HLG), and the same stream tagged SDR: the cost of tone mapping
+    "1080p-10s-hlg": PhoneClip(1920, 1080, 10.0, gop_s=1.0, bitrate_mbps=10.0, transfer="hlg"),
+    "1080p-10s-hevc-sdr": PhoneClip(1920, 1080, 10.0, gop_s=1.0, bitrate_mbps=10.0, transfer="bt709"),
 }
 # one thread: with several, x264's output changes from run to run (measured: four encodes of the
 # same 2 s clip at 8 threads gave four different files and frames); a 1080p 30 s clip then takes
@@ -115,18 +121,34 @@ def _phone_frames(spec: PhoneClip, seed: int = 0):
         yield frame
 
 
+_X265_TRANSFER = {"hlg": "arib-std-b67", "pq": "smpte2084", "bt709": "bt709"}
+
+
+def _encoder(spec: PhoneClip) -> tuple[str, str, dict[str, str]]:
+    """(codec, pixel format, options) of the clip's encoder: one thread either way (see X264_THREADS)."""
+    rate, gop = f"{spec.bitrate_mbps}M", str(round(spec.gop_s * spec.fps))
+    if spec.transfer is None:
+        return "libx264", "yuv420p", {
+            "profile": "high", "preset": "veryfast", "bf": "3", "g": gop, "b": rate, "maxrate": rate,
+            "bufsize": f"{2 * spec.bitrate_mbps}M", "threads": X264_THREADS,
+            "x264-params": "scenecut=0:b-pyramid=normal"}
+    return "libx265", "yuv420p10le", {"preset": "ultrafast", "b": rate, "x265-params": (
+        f"log-level=error:pools=1:frame-threads=1:keyint={gop}:min-keyint={gop}:scenecut=0:bframes=3:"
+        f"colorprim=bt2020:colormatrix=bt2020nc:transfer={_X265_TRANSFER[spec.transfer]}")}
+
+
 def encode_phone_clip(spec: PhoneClip, seed: int = 0) -> bytes:
-    """The clip as a phone records it: MP4, H.264 High profile, B-frames, a fixed GOP, a target bitrate."""
-    rate = f"{spec.bitrate_mbps}M"
-    options = {"profile": "high", "preset": "veryfast", "bf": "3", "g": str(round(spec.gop_s * spec.fps)),
-               "b": rate, "maxrate": rate, "bufsize": f"{2 * spec.bitrate_mbps}M", "threads": X264_THREADS,
-               "x264-params": "scenecut=0:b-pyramid=normal"}
+    """The clip as a phone records it: MP4, B-frames, a fixed GOP, a target bitrate; H.264 High
+    profile, or 10-bit HEVC for the HDR clips."""
+    codec, pix_fmt, options = _encoder(spec)
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=spec.fps, options=options)
-        stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, "yuv420p"
+        stream = container.add_stream(codec, rate=spec.fps, options=options)
+        stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, pix_fmt
         for planes in _phone_frames(spec, seed):
-            frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+            if pix_fmt == "yuv420p10le":
+                planes = planes.astype(np.uint16) << 2  # the same picture at 10 bits
+            frame = av.VideoFrame.from_ndarray(planes, format=pix_fmt)
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():

@@ -26,14 +26,17 @@ from encoder_service.video_decode import VideoLimits, decode_video, keyframe_run
 LIMITS = VideoLimits(max_bytes=1 << 40, max_duration_s=1e9, max_frame_pixels=1 << 40)
 
 
-def sequential_frames(data: bytes, indices: list[int]) -> list[np.ndarray]:
-    """The reference: one decoder, every frame in presentation order, the sampled ones kept."""
-    wanted, kept = set(indices), {}
+def sequential_frames(data: bytes, decoded) -> list[np.ndarray]:
+    """The reference: the container's one decoder, every frame in presentation order, the sampled
+    ones kept, with decode_video's pixel conversion (tone mapping of HDR) and orientation."""
+    wanted, kept = set(decoded.frame_indices), {}
     with av.open(io.BytesIO(data)) as container:
-        for at, frame in enumerate(container.decode(video=0)):
+        stream = container.streams.best("video")
+        tags = video_decode._Tags.of(stream.codec_context)
+        for at, frame in enumerate(container.decode(stream)):
             if at in wanted:
-                kept[at] = frame.to_ndarray(format="rgb24")
-    return [kept[i] for i in indices]
+                kept[at] = decoded.orientation.upright(video_decode._pixels(frame, tags, tone_map=True))
+    return [kept[i] for i in decoded.frame_indices]
 
 
 def _cpu_ms(fn) -> tuple[float, float]:
@@ -55,7 +58,7 @@ def measure(name: str, data: bytes, frames: int, repeats: int, check: bool) -> d
            "ideal_ms": max(max(alone), sum(alone) / cores), "served_ms": wall_ms, "served_cpu_ms": cpu_ms}
     if check:
         decoded = decode_video(data, frames, LIMITS)
-        reference = sequential_frames(data, decoded.frame_indices)
+        reference = sequential_frames(data, decoded)
         row["exact"] = all(np.array_equal(a, b) for a, b in zip(decoded.frames, reference))
     return row
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from encoder_service import hdr
 from encoder_service.tower_batcher import TowerBatcher, TowerJob
 from encoder_service.video_decode import DecodedVideo, VideoLimits, decode_video
 from encoder_service.vision import CompressionTrace, EncodeTimings, VisionEncoder, VisionOutput
@@ -84,7 +85,9 @@ class EncoderEngine:
 
     def _encode(self, video: bytes | mmap.mmap, num_frames: int, settings: CompressionSettings) -> EncodeResult:
         start = time.perf_counter()
-        decoded = decode_video(video, num_frames, self.limits, self._allocate_frames)
+        # on a GPU, HDR frames cross as 16-bit R'G'B' and are tone-mapped there (_preprocess)
+        decoded = decode_video(video, num_frames, self.limits, self._allocate_frames,
+                               tone_map=self.vision.device.type != "cuda")
         decode_ms = (time.perf_counter() - start) * 1e3
 
         mark = time.perf_counter()
@@ -117,12 +120,12 @@ class EncoderEngine:
             batch_frames=job.batch_frames,
         )
 
-    def _allocate_frames(self, shape: tuple[int, ...]) -> np.ndarray:
+    def _allocate_frames(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """Where decode_video puts the frames: page-locked memory on a GPU (from torch's caching host
         allocator, so reused across requests; the array keeps its tensor alive)."""
         if self.vision.device.type != "cuda":
-            return np.empty(shape, dtype=np.uint8)
-        return torch.empty(shape, dtype=torch.uint8, pin_memory=True).numpy()
+            return np.empty(shape, dtype=dtype)
+        return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True).numpy()
 
     def _preprocess(self, decoded: DecodedVideo, settings: CompressionSettings) -> TowerJob:
         """Resize and normalise the frames (on a GPU there, on a stream of this thread's own so that
@@ -137,6 +140,8 @@ class EncoderEngine:
             # processor then makes them channels-first there (given an array, it does that on the CPU:
             # a strided copy of 200 MB for 32 frames of 1080p, before a copy from pageable memory)
             frames = torch.from_numpy(decoded.frames).to(self.vision.device, non_blocking=True)
+            if decoded.hdr_transfer is not None:  # [T, H, W, 3] uint16 HDR -> uint8 SDR
+                frames = hdr.to_sdr(frames, decoded.hdr_transfer)
             pixels = self.processor(videos=[frames], return_tensors="pt", input_data_format="channels_last",
                                     device=self.vision.device)["pixel_values_videos"][0]  # [T, 3, H, W]
             ready = torch.cuda.Event()

@@ -16,9 +16,9 @@ out. Per pixel, after swscale has turned Y'CbCr into R'G'B' with the frame's own
    SDR white; SDR white itself lands at 0.95.
 4. The BT.1886 display gamma inverted (V = L^(1/2.4)), 8 bits, as SDR video is coded.
 
-The one-value steps go through look-up tables (65,536 entries), so a 1080p frame costs a few
-gathers and a few array operations; numpy releases the GIL, and the runs convert their frames in
-parallel.
+The one-value steps go through look-up tables (65,536 entries), so a frame costs a few gathers
+and a few array operations, in torch: on the GPU next to the resizing when the encoder runs there
+(the frames cross as 16-bit R'G'B'), on the CPU in the decoding runs otherwise.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
+import torch
 
 PQ, HLG = 16, 18  # FFmpeg's AVColorTransferCharacteristic of SMPTE ST 2084 and ARIB STD-B67
 TRANSFER_NAMES = {1: "bt709", 6: "bt601", 13: "srgb", 14: "bt2020-10", 15: "bt2020-12", PQ: "pq", HLG: "hlg"}
@@ -91,32 +92,27 @@ _INDEX = 65535  # 16-bit tables
 
 
 @cache
-def _to_linear(transfer: int) -> np.ndarray:
-    """16-bit R'G'B' code -> linear light: relative to reference white for PQ, scene light for HLG."""
+def _tables(transfer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(16-bit R'G'B' code -> linear light, sqrt(light / top) at 16 bits -> 8-bit SDR code, the
+    BT.2020 -> BT.709 matrix) on `device`. Linear light is relative to reference white for PQ and
+    scene light for HLG; the square root spends the second table's resolution where 8-bit codes
+    are densest, near black."""
     signal = np.arange(_INDEX + 1, dtype=np.float64) / _INDEX
     linear = pq_to_nits(signal) / REFERENCE_WHITE if transfer == PQ else hlg_to_scene(signal)
-    return linear.astype(np.float32)
+    relative = signal ** 2 * (PEAK / REFERENCE_WHITE)
+    code = np.round(np.power(tone_map(relative), 1 / GAMMA) * 255)
+    return (torch.from_numpy(linear.astype(np.float32)).to(device), torch.from_numpy(code.astype(np.uint8)).to(device),
+            torch.from_numpy(BT2020_TO_BT709.T.copy()).to(device))
 
 
-@cache
-def _to_code(top: float) -> np.ndarray:
-    """sqrt(relative light / top) at 16 bits -> the 8-bit SDR code value (tone map, BT.1886 inverse).
-    The square root spends the table's resolution where 8-bit codes are densest: near black."""
-    relative = (np.arange(_INDEX + 1, dtype=np.float64) / _INDEX) ** 2 * top
-    return np.round(np.power(tone_map(relative), 1 / GAMMA) * 255).astype(np.uint8)
-
-
-def to_sdr(rgb48: np.ndarray, transfer: int) -> np.ndarray:
-    """[H, W, 3] uint16 R'G'B' (BT.2020 primaries, PQ or HLG) -> [H, W, 3] uint8 BT.709 SDR."""
-    linear = _to_linear(transfer)[rgb48].reshape(-1, 3)  # [N, 3] float32
+def to_sdr(rgb48: torch.Tensor, transfer: int) -> torch.Tensor:
+    """[..., 3] uint16 R'G'B' (BT.2020 primaries, PQ or HLG) -> [..., 3] uint8 BT.709 SDR, on its device."""
+    to_linear, to_code, gamut = _tables(transfer, rgb48.device)
+    linear = to_linear[rgb48.to(torch.int32)]  # [..., 3] float32
     if transfer == HLG:  # OOTF of a PEAK display: Fd = PEAK * Ys^(gamma - 1) * E, relative to reference white
-        luminance = linear @ HLG_LUMA  # [N]
-        linear *= (PEAK / REFERENCE_WHITE * np.power(luminance, np.float32(0.2)))[:, None]
+        luminance = linear @ torch.tensor(HLG_LUMA, device=rgb48.device)  # [...]
+        linear *= (PEAK / REFERENCE_WHITE * luminance.pow(0.2)).unsqueeze(-1)
     top = PEAK / REFERENCE_WHITE
-    light = linear @ BT2020_TO_BT709.T  # [N, 3], BT.709 primaries; in place from here on
-    np.clip(light, 0, top, out=light)
-    light *= 1 / top
-    np.sqrt(light, out=light)
-    light *= _INDEX
-    light += 0.5
-    return _to_code(top)[light.astype(np.uint16)].reshape(rgb48.shape)
+    light = linear @ gamut  # BT.709 primaries; in place from here on
+    light.clamp_(0, top).mul_(1 / top).sqrt_().mul_(_INDEX).add_(0.5)
+    return to_code[light.to(torch.int32)]

@@ -19,6 +19,7 @@ duration and frame pixels are checked from the container's header before any pac
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import io
 import mmap
 import os
@@ -30,6 +31,7 @@ from fractions import Fraction
 
 import av
 import numpy as np
+import torch
 
 from encoder_service import hdr, orientation
 from encoder_service.entry_points import clean_entry
@@ -70,6 +72,7 @@ class DecodedVideo:
     duration_s: float
     orientation: Orientation = Orientation()
     color: hdr.ColorReport = hdr.ColorReport.of(1, 1, 8)
+    hdr_transfer: int | None = None  # set when `frames` are uint16 HDR R'G'B' still to tone-map (hdr.to_sdr)
     timestamps_s: list[float] | None = None  # when each sampled frame is shown, from the first frame
 
 
@@ -141,9 +144,10 @@ class _Tags:
         return hdr.ColorReport.of(self.transfer, self.primaries, self.bit_depth)
 
 
-def _pixels(frame, stream: _Tags) -> np.ndarray:
-    """A decoded frame -> [H, W, 3] uint8 RGB: SDR as swscale converts it (bit-exact with any plain
-    decode), HDR tone-mapped to BT.709 SDR (hdr.py). Tags the frame lacks come from the stream, as
+def _pixels(frame, stream: _Tags, tone_map: bool) -> np.ndarray:
+    """A decoded frame -> [H, W, 3] RGB: SDR as swscale converts it to uint8 (bit-exact with any
+    plain decode); HDR as uint16 R'G'B', tone-mapped to BT.709 SDR uint8 here unless the caller
+    does that itself (hdr.py). Tags the frame lacks come from the stream, as
     FFmpeg gives them to the frames of a container's own decoder (the runs' decoders are made from
     the codec alone)."""
     if frame.colorspace == UNSPECIFIED and stream.matrix != UNSPECIFIED:
@@ -152,7 +156,8 @@ def _pixels(frame, stream: _Tags) -> np.ndarray:
         frame.color_range = stream.range
     transfer = frame.color_trc if frame.color_trc != UNSPECIFIED else stream.transfer
     if hdr.is_hdr(transfer):
-        return hdr.to_sdr(frame.to_ndarray(format="rgb48le"), transfer)  # [H, W, 3] uint16 R'G'B' in
+        rgb48 = frame.to_ndarray(format="rgb48le")  # [H, W, 3] uint16
+        return hdr.to_sdr(torch.from_numpy(rgb48), transfer).numpy() if tone_map else rgb48
     return frame.to_ndarray(format="rgb24")
 
 
@@ -171,6 +176,7 @@ class _Index:
     time_base: Fraction | None = None  # of pts
     last_duration: int = 0  # how long the last frame is shown, in time_base (0: not said)
     color: _Tags = field(default_factory=lambda: _Tags())  # the stream's, for frames whose own say nothing
+    tone_map: bool = True  # HDR frames tone-mapped to SDR by the runs; False: left as 16-bit R'G'B'
 
     @property
     def frames(self) -> int:
@@ -258,7 +264,7 @@ def _decode_run(index: _Index, start: int, wanted: list[int], threads: int = 8) 
             at = rank.get(frame.pts, -1) if rank is not None else position
             position += 1
             if at in wanted_set and at not in found:
-                found[at] = _pixels(frame, index.color)  # [H, W, 3]
+                found[at] = _pixels(frame, index.color, index.tone_map)  # [H, W, 3]
             if len(found) == len(wanted) or at > wanted[-1]:
                 return True
         return False
@@ -329,7 +335,7 @@ def keyframe_runs(data: bytes, num_frames: int) -> list[KeyframeRun]:
     return [KeyframeRun(start, wanted, index) for start, wanted in runs.items()]
 
 
-Allocate = Callable[[tuple[int, ...]], np.ndarray]
+Allocate = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 
 
 class _Frames:
@@ -354,7 +360,7 @@ class _Frames:
             frame = upright(stored)  # a view: turned while it is copied into place
             with self._lock:
                 if self.array is None:
-                    self.array = self.allocate((self.count, *frame.shape))
+                    self.array = self.allocate((self.count, *frame.shape), frame.dtype)
             if frame.shape != self.array.shape[1:]:
                 raise VideoError(f"the video changes resolution mid-stream ({self.array.shape[2]}x"
                                  f"{self.array.shape[1]}, then {frame.shape[1]}x{frame.shape[0]}); "
@@ -384,14 +390,16 @@ def _packets_fed(index: _Index, start: int, wanted: list[int]) -> int:
     return wanted[-1] - start
 
 
-def _empty(shape: tuple[int, ...]) -> np.ndarray:
-    return np.empty(shape, dtype=np.uint8)
+def _empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    return np.empty(shape, dtype=dtype)
 
 
 def decode_video(data: bytes | mmap.mmap, num_frames: int, limits: VideoLimits,
-                 allocate: Allocate = _empty) -> DecodedVideo:
-    """allocate(shape) -> the uint8 array the frames are decoded into (the encoder passes page-locked
-    memory on a GPU, so that the frames go to the GPU in one fast copy)."""
+                 allocate: Allocate = _empty, tone_map: bool = True) -> DecodedVideo:
+    """allocate(shape, dtype) -> the array the frames are decoded into (the encoder passes
+    page-locked memory on a GPU, so that the frames go to the GPU in one fast copy). tone_map False:
+    HDR frames come as uint16 R'G'B' for the caller to tone-map (hdr.to_sdr on its GPU), with
+    `hdr_transfer` saying how; SDR frames are uint8 either way."""
     if not data:
         raise VideoError("the video is empty (0 bytes)")
     if len(data) > limits.max_bytes:
@@ -403,7 +411,7 @@ def decode_video(data: bytes | mmap.mmap, num_frames: int, limits: VideoLimits,
                              f"{limits.max_frame_pixels} pixels per frame")
         if header.duration_s > limits.max_duration_s:
             raise VideoError(f"the video lasts {header.duration_s:.0f} s; the limit is {limits.max_duration_s:.0f} s")
-        index = _demux(container)
+        index = dataclasses.replace(_demux(container), tone_map=tone_map)
         if index.frames == 0:
             raise VideoError("the video has no decodable frames")
         # beside the runs, on the container's own decoder (the only one that sees the display matrix)
@@ -420,5 +428,6 @@ def decode_video(data: bytes | mmap.mmap, num_frames: int, limits: VideoLimits,
     fps = index.frames / duration if index.span_s() else header.fps
     if duration <= 0 and fps > 0:
         duration = index.frames / fps
+    left_hdr = frames.array.dtype == np.uint16
     return DecodedVideo(frames.array, indices, index.frames, fps, duration, turn.result(), index.color.report(),
-                        index.timestamps_s(indices))
+                        index.color.transfer if left_hdr else None, index.timestamps_s(indices))

@@ -7,8 +7,10 @@ import itertools
 
 import av
 import httpx
+import openai
 import numpy as np
 import pytest
+import torch
 
 from encoder_service import hdr
 from encoder_service.orientation import Orientation, from_display_matrix
@@ -72,12 +74,19 @@ def test_a_turn_that_is_not_a_multiple_of_90_degrees_is_refused():
     assert from_display_matrix(None) == Orientation()
 
 
+def ask_with_the_openai_client(gateway, video: bytes, frames: int = 4) -> dict:
+    """What the official client reads of the answer's `videollm` object."""
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", timeout=120, max_retries=0) as client:
+        completion = client.chat.completions.create(
+            model="videollm", max_tokens=2, extra_body={"videollm": {"num_frames": frames}},
+            messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": data_url(video)}},
+                                                   {"type": "text", "text": "What is shown?"}]}])
+    assert completion.choices[0].message.role == "assistant"
+    return completion.model_extra["videollm"]
+
+
 def test_the_answer_reports_how_the_frames_were_turned(gateway, clean_redis):
-    body = video_chat(data_url(stored_with_display_matrix(STORED, 270, hflip=True)), "What is shown?",
-                      max_tokens=2, videollm={"num_frames": 4})
-    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=120)
-    assert response.status_code == 200, response.text
-    source = response.json()["videollm"]["source"]
+    source = ask_with_the_openai_client(gateway, stored_with_display_matrix(STORED, 270, hflip=True))["source"]
     assert (source["rotation"], source["mirrored"]) == (270, True)
 
 
@@ -207,9 +216,17 @@ def test_sdr_frames_keep_the_bit_exact_path():
 
 
 def test_the_answer_reports_the_source_colour_and_the_tone_mapping(gateway, clean_redis):
-    body = video_chat(data_url(hdr_clip([ramp_and_bars()] * 4, hdr.HLG)), "What colours?", max_tokens=2,
-                      videollm={"num_frames": 2})
-    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=120)
-    assert response.status_code == 200, response.text
-    assert response.json()["videollm"]["source"]["color"] == {
-        "transfer": "hlg", "primaries": "bt2020", "bit_depth": 10, "conversion": "tone-mapped to BT.709 SDR"}
+    source = ask_with_the_openai_client(gateway, hdr_clip([ramp_and_bars()] * 4, hdr.HLG), frames=2)["source"]
+    assert source["color"] == {"transfer": "hlg", "primaries": "bt2020", "bit_depth": 10,
+                               "conversion": "tone-mapped to BT.709 SDR"}
+
+
+def test_hdr_left_16_bit_for_the_gpu_tone_maps_to_the_same_frames():
+    """The encoder on a GPU takes HDR frames as 16-bit R'G'B' and tone-maps them there with the same
+    function the runs use on the CPU: the two paths give the same frames."""
+    video = hdr_clip([ramp_and_bars()] * 4, hdr.PQ)
+    on_cpu = decode_video(video, 2, LIMITS)
+    left = decode_video(video, 2, LIMITS, tone_map=False)
+    assert on_cpu.hdr_transfer is None and on_cpu.frames.dtype == np.uint8
+    assert left.hdr_transfer == hdr.PQ and left.frames.dtype == np.uint16
+    assert np.array_equal(hdr.to_sdr(torch.from_numpy(left.frames), left.hdr_transfer).numpy(), on_cpu.frames)
