@@ -13,8 +13,11 @@ import argparse
 import time
 
 import numpy as np
+import torch
 
 from bench.clips import clip
+from bench.timing import median_ms
+from encoder_service import hdr
 from encoder_service.video_decode import VideoLimits, decode_video
 
 LIMITS = VideoLimits(1 << 40, 1e9, 1 << 40)
@@ -40,6 +43,11 @@ def main() -> None:
     print("| path | decode_video ms | its CPU ms |\n|---|---|---|")
     for name, measured in times.items():
         print(f"| {name} | {np.median([w for w, _ in measured]):.0f} | {np.median([c for _, c in measured]):.0f} |")
+    if torch.cuda.is_available():  # the GPU's share of the first HLG path
+        frames = torch.randint(0, 65536, (args.frames, 1080, 1920, 3), dtype=torch.int32).to(torch.uint16).cuda()
+        for transfer, name in ((hdr.PQ, "PQ"), (hdr.HLG, "HLG")):
+            ms = median_ms(lambda: hdr.to_sdr(frames, transfer), args.repeats, frames.device)
+            print(f"\nhdr.to_sdr on {torch.cuda.get_device_name()}, {args.frames} frames of 1080p, {name}: {ms:.1f} ms")
 
 
 if __name__ == "__main__":
