@@ -31,10 +31,12 @@ WIDTH, HEIGHT, FPS, SCENE_SECONDS = 640, 360, 24, 6
 
 
 def encode(frames: np.ndarray | Iterable[np.ndarray], fmt: str = "mp4", fps: int = 24,
-           options: dict[str, str] | None = None) -> bytes:
+           options: dict[str, str] | None = None, display: tuple[float, bool, bool] | None = None) -> bytes:
     """Frames [H, W, 3] uint8 RGB (an array [T, H, W, 3] or any iterable of frames) -> the video's bytes.
 
     options: the encoder's (GOP length, B-frames, preset, ...); "mp4-lossless" sets qp 0 itself.
+    display: a display matrix as phones write one: (degrees counterclockwise, mirror left-right,
+    mirror top-bottom) that a player applies to the stored frames.
     """
     container_format, codec, pix_fmt = CONTAINERS[fmt]
     if fmt == "mp4-lossless":
@@ -51,6 +53,9 @@ def encode(frames: np.ndarray | Iterable[np.ndarray], fmt: str = "mp4", fps: int
         stream = container.add_stream(codec, rate=fps, options=options)
         stream.width, stream.height = width, height
         stream.pix_fmt = pix_fmt
+        if display is not None:
+            degrees, hflip, vflip = display
+            stream.set_display_rotation(degrees, hflip=hflip, vflip=vflip)
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

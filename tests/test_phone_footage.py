@@ -22,21 +22,10 @@ from videos import encode, make_vfr_video, moving_frames
 LIMITS = VideoLimits(max_bytes=1 << 30, max_duration_s=3600, max_frame_pixels=1 << 24)
 
 
-def stored_with_display_matrix(frames: np.ndarray, degrees: int, hflip: bool = False, vflip: bool = False,
-                               bframes: int = 2) -> bytes:
+def stored_with_display_matrix(frames: np.ndarray, degrees: int, hflip: bool = False, vflip: bool = False) -> bytes:
     """H.264 with a display matrix that turns the frames `degrees` counterclockwise, then mirrors
     them, as a player shows them."""
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=24, options={"qp": "0", "g": "6", "bf": str(bframes)})
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv444p"
-        stream.set_display_rotation(degrees, hflip=hflip, vflip=vflip)
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
+    return encode(frames, "mp4-lossless", options={"g": "6", "bf": "2"}, display=(degrees, hflip, vflip))
 
 
 STORED = moving_frames(20, 96, 64, seed=7)  # [20, 64, 96, 3]: landscape as stored
