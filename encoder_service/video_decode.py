@@ -1,4 +1,5 @@
-"""Container bytes -> T RGB frames sampled uniformly over the whole clip (PyAV / FFmpeg).
+"""Container bytes -> T RGB frames sampled uniformly over the whole clip, as a player shows them
+(PyAV / FFmpeg).
 
 Frame indices are `floor(linspace(0, n_frames - 1, T))`, as LLaVA-OneVision's evaluation samples
 them. The frames are exactly those of a plain sequential decode; the work to get them is cut
@@ -12,8 +13,13 @@ three ways:
   per packet), and only the sampled frames are converted to RGB.
 Runs start only at keyframes that are clean entry points (entry_points.py: not H.264's recovery
 points); where a decoder still returns too few frames (a damaged GOP), the run is decoded again
-from the keyframe before it. Limits on size,
-duration and frame pixels are checked from the container's header before any packet is read.
+from the keyframe before it.
+
+What a player does, the decoder does too: the default video track of several, frames from the
+first clean keyframe on (a clip cut mid-GOP), the display matrix applied (orientation.py), HDR
+tone-mapped to SDR (hdr.py), timestamps, duration and rate from the frames' own timestamps.
+Limits on size, duration and frame pixels are checked from the container's header before any
+packet is read.
 """
 
 from __future__ import annotations
