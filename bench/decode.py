@@ -21,6 +21,7 @@ import numpy as np
 from bench.clips import CLIPS, clip, describe
 from bench.timing import median_ms
 from encoder_service import video_decode
+from encoder_service.demux import ColorTags, index_of
 from encoder_service.video_decode import VideoLimits, decode_video, keyframe_runs
 
 LIMITS = VideoLimits(max_bytes=1 << 40, max_duration_s=1e9, max_frame_pixels=1 << 40)
@@ -32,7 +33,7 @@ def sequential_frames(data: bytes, decoded) -> list[np.ndarray]:
     wanted, kept = set(decoded.frame_indices), {}
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.best("video")
-        tags = video_decode._Tags.of(stream.codec_context)
+        tags = ColorTags.of(stream.codec_context)
         for at, frame in enumerate(container.decode(stream)):
             if at in wanted:
                 kept[at] = decoded.orientation.upright(video_decode._pixels(frame, tags, tone_map=True))
@@ -46,7 +47,7 @@ def _cpu_ms(fn) -> tuple[float, float]:
 
 
 def measure(name: str, data: bytes, frames: int, repeats: int, check: bool) -> dict:
-    demux_ms = median_ms(lambda: video_decode._index_of(data), repeats)
+    demux_ms = median_ms(lambda: index_of(data), repeats)
     runs = keyframe_runs(data, frames)
     alone = [_cpu_ms(run.decode)[1] for run in runs]  # CPU ms of each run, one decoder thread
     served = [_cpu_ms(lambda: decode_video(data, frames, LIMITS)) for _ in range(repeats)]

@@ -16,7 +16,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from encoder_service import video_decode
-from encoder_service.video_decode import VideoError, VideoLimits, _index_of, decode_video, decoder_threads, sample_indices
+from encoder_service.demux import index_of
+from encoder_service.video_decode import VideoError, VideoLimits, decode_video, decoder_threads, sample_indices
 from videos import encode, make_vfr_video, moving_frames
 
 LIMITS = VideoLimits(max_bytes=1 << 30, max_duration_s=3600, max_frame_pixels=1 << 24)
@@ -73,7 +74,7 @@ def test_the_clips_exercise_several_segments_and_skipped_frames():
     """Guards the test above: the H.264 clip has several keyframes (so segments decode in parallel)
     and frames no other frame refers to (so skipping happens)."""
     video = CLIPS["h264-bframes"]()
-    assert len(_index_of(video).keyframes) >= 4
+    assert len(index_of(video).keyframes) >= 4
     with av.open(io.BytesIO(video)) as container:
         stream = container.streams.video[0]
         stream.codec_context.skip_frame = "NONREF"
@@ -106,13 +107,13 @@ def test_runs_start_only_at_clean_entry_points(name, entries):
     with av.open(io.BytesIO(video)) as container:
         keyframes = sum(1 for packet in container.demux(video=0) if packet.size and packet.is_keyframe)
     assert keyframes >= 5  # the container flags (at least) every GOP's first frame as a keyframe
-    assert _index_of(video).keyframes == entries
+    assert index_of(video).keyframes == entries
 
 
 def test_intra_refresh_frames_differ_when_decoded_from_a_recovery_point():
     """Why recovery points are not entry points: from there the decoder returns wrong frames."""
     video = CLIPS["h264-intra-refresh"]()
-    index = _index_of(video)
+    index = index_of(video)
     unchecked = dataclasses.replace(index, keyframes=[0, 48], entry={0: 0, 48: 48})
     frame_59 = video_decode._decode_run(unchecked, 48, [59])[59]
     assert not np.array_equal(frame_59, _every_frame(video)[59])
@@ -124,7 +125,7 @@ def test_a_run_from_a_damaged_keyframe_starts_again_from_the_keyframe_before(nam
     decoders return nothing and VP9's fails, so the run falls back to the keyframe before and
     still returns the exact frames."""
     video = CLIPS[name]()
-    index = _index_of(video)
+    index = index_of(video)
     damaged = dataclasses.replace(index, keyframes=[0, 5], entry={0: 0, 5: index.packets.index(
         next(p for p in index.packets if p.pts == index.pts[5]))})
     with pytest.raises(VideoError) if name == "vp9" else contextlib.nullcontext():
