@@ -9,6 +9,7 @@ several, ~40 ms at 1080p), and the demux keeps the packets for the decoders of t
 
 from __future__ import annotations
 
+import bisect
 import io
 import mmap
 from dataclasses import dataclass, field
@@ -95,7 +96,7 @@ class Index:
     width: int
     height: int
     packets: list = field(repr=False)  # [av.Packet] in decode order, empty ones dropped
-    pts: list[int] | None  # presentation time of each frame in presentation order; None when not usable
+    pts: list[int] | None  # presentation time of each frame shown, in presentation order; None when not usable
     keyframes: list[int]  # presentation indices where decoding can start
     entry: dict[int, int]  # keyframe's presentation index -> its packet's position in decode order
     time_base: Fraction | None = None  # of pts
@@ -105,7 +106,8 @@ class Index:
 
     @property
     def frames(self) -> int:
-        return len(self.packets)
+        """Frames shown (and sampled from): the packets less those an edit list hides."""
+        return len(self.pts) if self.pts is not None else len(self.packets)
 
     def timestamps_s(self, indices: list[int]) -> list[float] | None:
         """When each frame at `indices` is shown, in seconds from the first frame (variable frame
@@ -148,14 +150,19 @@ def demux(container) -> Index:
     pts = [packet.pts for packet in packets]
     if None in pts or len(set(pts)) != len(pts):  # no usable timestamps: decode from the start only
         return Index(codec.codec, codec.extradata, codec.width, codec.height, packets, None, [0], {0: 0},
-                      color=ColorTags.of(codec))
-    order = sorted(range(len(pts)), key=pts.__getitem__)  # decode order -> presentation order
-    rank = {pts[i]: r for r, i in enumerate(order)}
-    entry = {rank[pts[i]]: i for i, packet in enumerate(packets) if id(packet) in clean}
+                     color=ColorTags.of(codec))
+    # frames an edit list hides (a trimmed clip: FFmpeg flags their packets discard) are decoded where
+    # others refer to them, but never shown, counted or sampled
+    shown = sorted(packet.pts for packet in packets if not packet.is_discard)  # presentation order
+    entry = {}  # the first frame shown from a keyframe on -> the keyframe's packet (a later one wins)
+    for position, packet in enumerate(packets):
+        first_shown = bisect.bisect_left(shown, packet.pts)
+        if id(packet) in clean and first_shown < len(shown):
+            entry[first_shown] = position
     entry.setdefault(0, 0)  # the first frame is always reached from the first packet
-    return Index(codec.codec, codec.extradata, codec.width, codec.height, packets,
-                  [pts[i] for i in order], sorted(entry), entry, stream.time_base,
-                  packets[order[-1]].duration or 0, ColorTags.of(codec))
+    last = next(packet for packet in packets if packet.pts == shown[-1])
+    return Index(codec.codec, codec.extradata, codec.width, codec.height, packets, shown, sorted(entry), entry,
+                 stream.time_base, last.duration or 0, ColorTags.of(codec))
 
 
 def index_of(data: bytes) -> Index:

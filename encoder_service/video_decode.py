@@ -15,7 +15,8 @@ points); where a decoder still returns too few frames (a damaged GOP), the run i
 from the keyframe before it.
 
 What a player does, the decoder does too: the default video track of several, frames from the
-first clean keyframe on (a clip cut mid-GOP), the display matrix applied (orientation.py), HDR
+first clean keyframe on (a clip cut mid-GOP), only the frames an edit list shows (a trimmed
+clip), the display matrix applied (orientation.py), HDR
 tone-mapped to SDR (hdr.py), timestamps, duration and rate from the frames' own timestamps.
 Limits on size, duration and frame pixels are checked from the container's header before any
 packet is read.
@@ -140,7 +141,7 @@ def _decode_run(index: Index, start: int, wanted: list[int], threads: int = 8) -
     try:
         for packet in index.packets[index.entry[start]:]:
             if rank is not None:
-                decoder.skip_frame = "DEFAULT" if rank[packet.pts] in wanted_set else "NONREF"
+                decoder.skip_frame = "DEFAULT" if rank.get(packet.pts, -1) in wanted_set else "NONREF"
             if take(decoder.decode(packet)):
                 return found
         take(decoder.decode(None))  # the end of the stream: the frames the decoder still holds

@@ -219,3 +219,29 @@ def test_hdr_left_16_bit_for_the_gpu_tone_maps_to_the_same_frames():
     assert on_cpu.hdr_transfer is None and on_cpu.frames.dtype == np.uint8
     assert left.hdr_transfer == hdr.PQ and left.frames.dtype == np.uint16
     assert np.array_equal(hdr.to_sdr(torch.from_numpy(left.frames), left.hdr_transfer).numpy(), on_cpu.frames)
+
+
+def test_a_trimmed_clip_shows_only_what_its_edit_list_keeps():
+    """A clip trimmed without re-encoding keeps the frames before the cut that later frames refer
+    to, and an edit list hides them (FFmpeg flags their packets discard): they are decoded as
+    references but not counted, sampled or shown, as in a player."""
+    whole = encode(moving_frames(40, 96, 64, seed=18), "mp4", options={"g": "10", "bf": "2",
+                                                                      "x264-params": "scenecut=0"})
+    with av.open(io.BytesIO(whole)) as source:
+        packets = [packet for packet in source.demux(video=0) if packet.size]
+        step = np.diff(sorted(packet.pts for packet in packets)).min()
+        trimmed = io.BytesIO()
+        with av.open(trimmed, "w", format="mp4") as target:
+            stream = target.add_stream_from_template(source.streams.video[0])
+            for packet in packets:  # 13 frames earlier: those before 0 fall outside the edit list
+                packet.pts, packet.dts, packet.stream = packet.pts - 13 * step, packet.dts - 13 * step, stream
+                target.mux(packet)
+    video = trimmed.getvalue()
+    with av.open(io.BytesIO(video)) as container:
+        hidden = sum(1 for packet in container.demux(video=0) if packet.size and packet.is_discard)
+    shown = as_stored(video)  # a plain decode drops the hidden frames
+    assert hidden > 0
+    decoded = decode_video(video, 8, LIMITS)
+    assert decoded.source_frames == len(shown)
+    assert np.array_equal(decoded.frames, shown[decoded.frame_indices])
+    assert decoded.timestamps_s[0] == 0.0
