@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import time
 
 import av
 import numpy as np
 
 from bench.clips import CLIPS, clip, describe
-from bench.timing import median_ms
+from bench.timing import median_ms, wall_and_cpu_ms
 from encoder_service import video_decode
 from encoder_service.demux import ColorTags, index_of
 from encoder_service.video_decode import VideoLimits, decode_video, keyframe_runs
@@ -40,17 +39,11 @@ def sequential_frames(data: bytes, decoded) -> list[np.ndarray]:
     return [kept[i] for i in decoded.frame_indices]
 
 
-def _cpu_ms(fn) -> tuple[float, float]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return (time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3
-
-
 def measure(name: str, data: bytes, frames: int, repeats: int, check: bool) -> dict:
     demux_ms = median_ms(lambda: index_of(data), repeats)
     runs = keyframe_runs(data, frames)
-    alone = [_cpu_ms(run.decode)[1] for run in runs]  # CPU ms of each run, one decoder thread
-    served = [_cpu_ms(lambda: decode_video(data, frames, LIMITS)) for _ in range(repeats)]
+    alone = [wall_and_cpu_ms(run.decode)[1] for run in runs]  # CPU ms of each run, one decoder thread
+    served = [wall_and_cpu_ms(lambda: decode_video(data, frames, LIMITS)) for _ in range(repeats)]
     wall_ms = float(np.median([w for w, _ in served]))
     cpu_ms = float(np.median([c for _, c in served]))
     cores = os.cpu_count() or 1

@@ -10,13 +10,12 @@ Prints a markdown table: the median wall and CPU milliseconds of decode_video ov
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 
 from bench.clips import clip
-from bench.timing import median_ms
+from bench.timing import median_ms, wall_and_cpu_ms
 from encoder_service import hdr
 from encoder_service.video_decode import VideoLimits, decode_video
 
@@ -37,9 +36,7 @@ def main() -> None:
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
     for _ in range(args.repeats):
         for name, run in paths.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            run()
-            times[name].append(((time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3))
+            times[name].append(wall_and_cpu_ms(run))
     print("| path | decode_video ms | its CPU ms |\n|---|---|---|")
     for name, measured in times.items():
         print(f"| {name} | {np.median([w for w, _ in measured]):.0f} | {np.median([c for _, c in measured]):.0f} |")

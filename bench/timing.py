@@ -23,3 +23,10 @@ def median_ms(fn, repeats: int, device: torch.device | None = None) -> float:
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def wall_and_cpu_ms(fn) -> tuple[float, float]:
+    """(wall ms, CPU ms of the whole process) of one call of fn(): CPU above wall means threads."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return (time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3

@@ -48,11 +48,9 @@ class Header:
 
 def video_stream(container):
     """The video track a player would show: FFmpeg's best video stream (the default track among
-    several, never cover art), however many audio or other tracks come before it."""
-    try:
-        return container.streams.best("video")
-    except ValueError:
-        return None
+    several, never cover art), however many audio or other tracks come before it; open_container
+    has made sure there is one."""
+    return container.streams.best("video")
 
 
 def header_of(container) -> Header:
@@ -62,7 +60,7 @@ def header_of(container) -> Header:
     else:
         duration = (container.duration or 0) / av.time_base
     return Header(stream.codec_context.width, stream.codec_context.height,
-                   float(stream.average_rate or stream.guessed_rate or 0.0), duration)
+                  float(stream.average_rate or stream.guessed_rate or 0.0), duration)
 
 
 UNSPECIFIED = 2  # FFmpeg's value of a colour tag that is not given

@@ -92,25 +92,25 @@ _INDEX = 65535  # 16-bit tables
 
 
 @cache
-def _tables(transfer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _tables(transfer: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(16-bit R'G'B' code -> linear light, sqrt(light / top) at 16 bits -> 8-bit SDR code, the
-    BT.2020 -> BT.709 matrix) on `device`. Linear light is relative to reference white for PQ and
-    scene light for HLG; the square root spends the second table's resolution where 8-bit codes
-    are densest, near black."""
+    BT.2020 -> BT.709 matrix, the BT.2020 luminance weights) on `device`. Linear light is relative
+    to reference white for PQ and scene light for HLG; the square root spends the second table's
+    resolution where 8-bit codes are densest, near black."""
     signal = np.arange(_INDEX + 1, dtype=np.float64) / _INDEX
     linear = pq_to_nits(signal) / REFERENCE_WHITE if transfer == PQ else hlg_to_scene(signal)
     relative = signal ** 2 * (PEAK / REFERENCE_WHITE)
     code = np.round(np.power(tone_map(relative), 1 / GAMMA) * 255)
     return (torch.from_numpy(linear.astype(np.float32)).to(device), torch.from_numpy(code.astype(np.uint8)).to(device),
-            torch.from_numpy(BT2020_TO_BT709.T.copy()).to(device))
+            torch.from_numpy(BT2020_TO_BT709.T.copy()).to(device), torch.from_numpy(HLG_LUMA).to(device))
 
 
 def to_sdr(rgb48: torch.Tensor, transfer: int) -> torch.Tensor:
     """[..., 3] uint16 R'G'B' (BT.2020 primaries, PQ or HLG) -> [..., 3] uint8 BT.709 SDR, on its device."""
-    to_linear, to_code, gamut = _tables(transfer, rgb48.device)
+    to_linear, to_code, gamut, luma = _tables(transfer, rgb48.device)
     linear = to_linear[rgb48.to(torch.int32)]  # [..., 3] float32
     if transfer == HLG:  # OOTF of a PEAK display: Fd = PEAK * Ys^(gamma - 1) * E, relative to reference white
-        luminance = linear @ torch.tensor(HLG_LUMA, device=rgb48.device)  # [...]
+        luminance = linear @ luma  # [...]
         linear *= (PEAK / REFERENCE_WHITE * luminance.pow(0.2)).unsqueeze(-1)
     top = PEAK / REFERENCE_WHITE
     light = linear @ gamut  # BT.709 primaries; in place from here on

@@ -88,17 +88,17 @@ def sample_indices(n_frames: int, num_samples: int) -> list[int]:
 def _pixels(frame, stream: ColorTags, tone_map: bool) -> np.ndarray:
     """A decoded frame -> [H, W, 3] RGB: SDR as swscale converts it to uint8 (bit-exact with any
     plain decode); HDR as uint16 R'G'B', tone-mapped to BT.709 SDR uint8 here unless the caller
-    does that itself (hdr.py). Tags the frame lacks come from the stream, as
+    does that itself (hdr.py). Whether it is HDR is the stream's transfer, the one the answer
+    reports and the caller tone-maps with. Y'CbCr tags the frame lacks come from the stream, as
     FFmpeg gives them to the frames of a container's own decoder (the runs' decoders are made from
     the codec alone)."""
     if frame.colorspace == UNSPECIFIED and stream.matrix != UNSPECIFIED:
         frame.colorspace = stream.matrix  # swscale picks the Y'CbCr matrix from it
     if frame.color_range == 0 and stream.range != 0:
         frame.color_range = stream.range
-    transfer = frame.color_trc if frame.color_trc != UNSPECIFIED else stream.transfer
-    if hdr.is_hdr(transfer):
+    if hdr.is_hdr(stream.transfer):
         rgb48 = frame.to_ndarray(format="rgb48le")  # [H, W, 3] uint16
-        return hdr.to_sdr(torch.from_numpy(rgb48), transfer).numpy() if tone_map else rgb48
+        return hdr.to_sdr(torch.from_numpy(rgb48), stream.transfer).numpy() if tone_map else rgb48
     return frame.to_ndarray(format="rgb24")
 
 
@@ -203,9 +203,10 @@ Allocate = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 
 
 class _Frames:
-    """The sampled frames, [T, H, W, 3] uint8, filled by the runs as they finish: each run copies
-    its frames into their places on its own worker, so no serial stack of every frame at the end
-    (32 frames of 1080p are 200 MB: 30-45 ms for one thread)."""
+    """The sampled frames, [T, H, W, 3] (uint8; uint16 for HDR left to the caller), filled by the
+    runs as they finish, turned upright: each run copies its frames into their places on its own
+    worker, so no serial stack of every frame at the end (32 frames of 1080p are 200 MB: 30-45 ms
+    for one thread)."""
 
     def __init__(self, indices: list[int], allocate: Allocate, turn: Future[Orientation]):
         self.allocate = allocate
@@ -239,19 +240,14 @@ def _decode_selected(index: Index, indices: list[int], allocate: Allocate,
                      turn: Future[Orientation]) -> _Frames:
     """The frames at `indices`, decoded in parallel from the keyframes that precede them, each run
     a task of the shared pool (FFmpeg releases the GIL while it decodes). The runs that feed the
-    most packets go first, so that the longest does not start last."""
-    runs = sorted(_runs(index, indices).items(), key=lambda run: _packets_fed(index, *run), reverse=True)
+    most frames go first (from the keyframe to the last wanted frame), so that the longest does not
+    start last."""
+    runs = sorted(_runs(index, indices).items(), key=lambda run: run[1][-1] - run[0], reverse=True)
     threads = decoder_threads(len(runs))
     frames = _Frames(indices, allocate, turn)  # a lone run goes through the pool too, so the pool bounds every decode
     for _ in _POOL.map(lambda run: frames.fill(_decode_from_clean_entry(index, *run, threads)), runs):
         pass
     return frames
-
-
-def _packets_fed(index: Index, start: int, wanted: list[int]) -> int:
-    """About how many packets a run feeds its decoder: from its keyframe to the last wanted frame
-    in presentation order (B-frames can sit a few packets on either side in decode order)."""
-    return wanted[-1] - start
 
 
 def _empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -288,8 +284,9 @@ def decode_video(data: bytes | mmap.mmap, num_frames: int, limits: VideoLimits,
     if len(frames.filled) < len(frames.slots):
         raise VideoError("the video is corrupt or truncated: frames could not be decoded")
     # from the frames' own timestamps where they are usable: right for variable frame rates too
-    duration = index.span_s() or header.duration_s
-    fps = index.frames / duration if index.span_s() else header.fps
+    span = index.span_s()
+    duration = span or header.duration_s
+    fps = index.frames / span if span else header.fps
     if duration <= 0 and fps > 0:
         duration = index.frames / fps
     left_hdr = frames.array.dtype == np.uint16
