@@ -21,6 +21,7 @@ import numpy as np
 from encoder_service import hdr
 from encoder_service.entry_points import clean_entry
 from encoder_service.errors import VideoError
+from encoder_service.frame_selection import Timeline
 
 
 def open_container(data: bytes | mmap.mmap):
@@ -107,12 +108,15 @@ class Index:
         """Frames shown (and sampled from): the packets less those an edit list hides."""
         return len(self.pts) if self.pts is not None else len(self.packets)
 
-    def timestamps_s(self, indices: list[int]) -> list[float] | None:
-        """When each frame at `indices` is shown, in seconds from the first frame (variable frame
-        rates included); None without usable timestamps."""
-        if self.pts is None or self.time_base is None:
-            return None
-        return [float((self.pts[i] - self.pts[0]) * self.time_base) for i in indices]
+    def timeline(self, header: Header) -> Timeline:
+        """When each frame is shown, for sampling by time: from the timestamps, else from the header's
+        frame rate, else unknown."""
+        span = self.span_s()
+        if span:
+            return Timeline((np.asarray(self.pts) - self.pts[0]) * float(self.time_base), self.frames, span)
+        if header.fps > 0:
+            return Timeline(np.arange(self.frames) / header.fps, self.frames, self.frames / header.fps)
+        return Timeline(None, self.frames, header.duration_s)
 
     def span_s(self) -> float | None:
         """From the first frame until the last one ends, in seconds; None without timestamps."""

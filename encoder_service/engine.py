@@ -22,11 +22,8 @@ from encoder_service.video_decode import DecodedVideo, VideoLimits, decode_video
 from encoder_service.vision import CompressionTrace, EncodeTimings, VisionEncoder, VisionOutput
 from videollm.checkpoint import check_model_dir, model_identity
 from videollm.flops import encoder_flops
-from videollm.settings import CompressionSettings, EncoderSettings, frames_to_sample
-
-
-class EncodeRequestError(ValueError):
-    """The request's settings are invalid; the message says which and why."""
+from videollm.frame_sampling import FrameSampling, retain_for_budget
+from videollm.settings import CompressionSettings, EncoderSettings
 
 
 class Overloaded(RuntimeError):
@@ -37,7 +34,8 @@ class Overloaded(RuntimeError):
 class EncodeResult:
     tokens: torch.Tensor  # [N, D_llm] on the CPU
     video: DecodedVideo
-    settings: CompressionSettings  # as resolved and applied
+    sampling: FrameSampling  # as resolved (the frames themselves: video.frame_indices)
+    settings: CompressionSettings  # as resolved and applied (a token budget may have lowered retain_ratio)
     trace: CompressionTrace
     flops: float  # encoder FLOPs as run
     flops_uncompressed: float
@@ -65,29 +63,42 @@ class EncoderEngine:
         self._count_lock = threading.Lock()
         self.encodes_completed = 0
 
-    def resolve_frames(self, num_frames: int) -> int:
-        try:
-            return frames_to_sample(num_frames, self.settings.default_frames, self.settings.max_frames)
-        except ValueError as err:
-            raise EncodeRequestError(str(err)) from err
+    def resolve_sampling(self, sampling: int | FrameSampling) -> FrameSampling:
+        """A request's sampling with the server's defaults and limits (a count: num_frames over the
+        whole clip, 0 = the default)."""
+        if isinstance(sampling, int):
+            sampling = FrameSampling(num_frames=sampling or None)
+        return sampling.resolve(self.settings.default_frames, self.settings.max_frames)
 
-    def encode(self, video: bytes | mmap.mmap, num_frames: int = 0,
-               compression: CompressionSettings | None = None) -> EncodeResult:
-        """compression None means the server's default settings."""
-        frames = self.resolve_frames(num_frames)
+    def encode(self, video: bytes | mmap.mmap, sampling: int | FrameSampling = 0,
+               compression: CompressionSettings | None = None, max_visual_tokens: int = 0) -> EncodeResult:
+        """compression None means the server's default settings; max_visual_tokens > 0 caps the
+        visual tokens (frame_sampling.retain_for_budget). Raises SamplingError for a sampling or
+        budget this video cannot serve, VideoError for a video that cannot be read."""
+        sampling = self.resolve_sampling(sampling)
         settings = compression or self.settings.compression
         if not self._admission.acquire(blocking=False):
             raise Overloaded(f"the encoder has {self.settings.max_concurrent} requests in flight; retry later")
         try:
-            return self._encode(video, frames, settings)
+            return self._encode(video, sampling, settings, max_visual_tokens)
         finally:
             self._admission.release()
 
-    def _encode(self, video: bytes | mmap.mmap, num_frames: int, settings: CompressionSettings) -> EncodeResult:
+    def _encode(self, video: bytes | mmap.mmap, sampling: FrameSampling, settings: CompressionSettings,
+                max_visual_tokens: int) -> EncodeResult:
         start = time.perf_counter()
+
+        def within_budget(indices: list[int]) -> None:  # before any frame is decoded
+            nonlocal settings
+            if max_visual_tokens:
+                ratio = retain_for_budget(max_visual_tokens, len(indices), self.vision.tokens_per_frame,
+                                          settings.method, settings.retain_ratio)
+                settings = settings.model_copy(update={"retain_ratio": ratio})
+
         # on a GPU, HDR frames cross as 16-bit R'G'B' and are tone-mapped there (_preprocess)
-        decoded = decode_video(video, num_frames, self.limits, self._allocate_frames,
-                               tone_map=self.vision.device.type != "cuda")
+        decoded = decode_video(video, sampling, self.limits, self._allocate_frames,
+                               tone_map=self.vision.device.type != "cuda", admit=within_budget)
+        num_frames = len(decoded.frame_indices)
         decode_ms = (time.perf_counter() - start) * 1e3
 
         mark = time.perf_counter()
@@ -108,6 +119,7 @@ class EncoderEngine:
         return EncodeResult(
             tokens=tokens,
             video=decoded,
+            sampling=sampling,
             settings=settings,
             trace=trace,
             flops=encoder_flops(vision_config, text_hidden, trace.layer_frames, trace.frames_after_merge),

@@ -7,14 +7,15 @@ import threading
 
 import grpc
 
-from encoder_service.engine import EncodeRequestError, EncoderEngine, EncodeResult, Overloaded
+from encoder_service.engine import EncoderEngine, EncodeResult, Overloaded
 from encoder_service.pull_store import PullStore
 from encoder_service.video_decode import VideoError
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, tensor_pb2
 from videollm import pull_files, tensors, transport
 from videollm.checkpoint import peak_memory_bytes
 from videollm.grpc_server import MiB, run_until_signalled, start_service
-from videollm.proto_mapping import compression_from_proto, compression_to_proto
+from videollm.frame_sampling import SamplingError
+from videollm.proto_mapping import compression_from_proto, compression_to_proto, sampling_from_proto, sampling_to_proto
 from videollm.settings import EncoderSettings, public_settings
 
 SERVICE_NAME = transport.ENCODER_SERVICE
@@ -34,11 +35,14 @@ def header_for(result: EncodeResult, tensor: tensor_pb2.TensorHeader, model_id: 
         frame_timestamps_s=result.video.timestamps_s or [],
         source_color=encoder_pb2.SourceColor(**vars(result.video.color)),
         frame_indices=result.video.frame_indices,
+        sampling=sampling_to_proto(result.sampling, result.video.window_s),
+        output_spans=[encoder_pb2.TimeSpan(start_s=a, end_s=b) for a, b in output_spans(result)],
         timings=encoder_pb2.EncodeTimings(**vars(result.timings)),
         compression=encoder_pb2.CompressionInfo(
             method=result.settings.method,
             frames_after_merge=trace.frames_after_merge,
             segments=[encoder_pb2.Segment(first=a, last=b) for a, b in trace.segments],
+            merged_frames=[encoder_pb2.Segment(first=a, last=b) for a, b in trace.merged_frames],
             kept=[encoder_pb2.KeptPositions(positions=p) for p in trace.kept],
             settings=compression_to_proto(result.settings),
             tokens_per_frame=trace.tokens_per_frame,
@@ -52,6 +56,16 @@ def header_for(result: EncodeResult, tensor: tensor_pb2.TensorHeader, model_id: 
         batch_requests=result.batch_requests,
         batch_frames=result.batch_frames,
     )
+
+
+def output_spans(result: EncodeResult) -> list[tuple[float, float]]:
+    """The time each output frame stands for: from the first sampled frame fused into it until the
+    sampled frame after its last (the window's end after the last); none without timestamps."""
+    times = result.video.timestamps_s
+    if times is None:
+        return []
+    ends = [*times[1:], result.video.window_s[1]]
+    return [(times[first], max(times[first], ends[last])) for first, last in result.trace.merged_frames]
 
 
 def _chunk_responses(payload: memoryview):
@@ -89,13 +103,14 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
 
     def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.ServicerContext):
         try:
-            try:
-                compression = compression_from_proto(request.compression, self.engine.settings.compression)
-            except ValueError as err:
-                raise EncodeRequestError(str(err)) from err
+            compression = compression_from_proto(request.compression, self.engine.settings.compression)
+            sampling = sampling_from_proto(request.sampling)
             video = self._video(request, context)
-            result = self.engine.encode(video, num_frames=request.sampling.num_frames, compression=compression)
-        except (VideoError, EncodeRequestError) as err:
+            result = self.engine.encode(video, sampling, compression, request.max_visual_tokens)
+        except SamplingError as err:
+            context.set_trailing_metadata(((transport.PARAM_METADATA, err.param),))  # the REST field at fault
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except (VideoError, ValueError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except Overloaded as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))

@@ -1,9 +1,8 @@
-"""Container bytes -> T RGB frames sampled uniformly over the whole clip, as a player shows them
-(PyAV / FFmpeg).
+"""Container bytes -> the RGB frames a request samples, as a player shows them (PyAV / FFmpeg).
 
-Frame indices are `floor(linspace(0, n_frames - 1, T))`, as LLaVA-OneVision's evaluation samples
-them. The frames are exactly those of a plain sequential decode; the work to get them is cut
-three ways:
+Which frames: videollm/frame_sampling.py (by count over the clip, `floor(linspace(0, n_frames - 1,
+T))` as LLaVA-OneVision's evaluation samples them, or by time, from the frames' own timestamps).
+The frames are exactly those of a plain sequential decode; the work to get them is cut three ways:
 - The container is opened and demuxed once, its packets kept in memory (demux.py).
 - The sampled frames are grouped by the keyframe that precedes them. Each group (a run) is
   decoded by a decoder of its own, fed the kept packets from its keyframe on; the runs of every
@@ -42,6 +41,8 @@ from encoder_service.demux import (UNSPECIFIED, ColorTags, Index, demux, header_
                                    video_stream)
 from encoder_service.errors import VideoError
 from encoder_service.orientation import Orientation
+from encoder_service.frame_selection import select
+from videollm.frame_sampling import FrameSampling
 
 
 _CORES = os.cpu_count() or 1
@@ -79,6 +80,7 @@ class DecodedVideo:
     color: hdr.ColorReport = hdr.ColorReport.of(1, 1, 8)
     hdr_transfer: int | None = None  # set when `frames` are uint16 HDR R'G'B' still to tone-map (hdr.to_sdr)
     timestamps_s: list[float] | None = None  # when each sampled frame is shown, from the first frame
+    window_s: tuple[float, float] = (0.0, 0.0)  # the part of the video sampled from, in seconds
 
 
 def sample_indices(n_frames: int, num_samples: int) -> list[int]:
@@ -192,8 +194,8 @@ class KeyframeRun:
 
 
 def keyframe_runs(data: bytes, num_frames: int) -> list[KeyframeRun]:
-    """The keyframe runs that decode_video decodes in parallel for `num_frames` sampled frames
-    (no limits are checked; the benchmark times each run alone)."""
+    """The keyframe runs that decode_video decodes in parallel for `num_frames` frames sampled over
+    the clip (no limits are checked; the benchmark times each run alone)."""
     index = index_of(data)
     runs = _runs(index, sample_indices(index.frames, num_frames))
     return [KeyframeRun(start, wanted, index) for start, wanted in runs.items()]
@@ -254,12 +256,24 @@ def _empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return np.empty(shape, dtype=dtype)
 
 
-def decode_video(data: bytes | mmap.mmap, num_frames: int, limits: VideoLimits,
-                 allocate: Allocate = _empty, tone_map: bool = True) -> DecodedVideo:
-    """allocate(shape, dtype) -> the array the frames are decoded into (the encoder passes
-    page-locked memory on a GPU, so that the frames go to the GPU in one fast copy). tone_map False:
-    HDR frames come as uint16 R'G'B' for the caller to tone-map (hdr.to_sdr on its GPU), with
-    `hdr_transfer` saying how; SDR frames are uint8 either way."""
+def _admit_all(indices: list[int]) -> None:
+    pass
+
+
+def decode_video(data: bytes | mmap.mmap, sampling: int | FrameSampling, limits: VideoLimits,
+                 allocate: Allocate = _empty, tone_map: bool = True,
+                 admit: Callable[[list[int]], None] = _admit_all) -> DecodedVideo:
+    """sampling: a resolved FrameSampling, or a frame count over the whole clip. Raises VideoError
+    for a video that cannot be read or breaks the limits, SamplingError for a sampling this video
+    cannot serve.
+
+    allocate(shape, dtype) -> the array the frames are decoded into (the encoder passes page-locked
+    memory on a GPU, so that the frames go to the GPU in one fast copy). tone_map False: HDR frames
+    come as uint16 R'G'B' for the caller to tone-map (hdr.to_sdr on its GPU), with `hdr_transfer`
+    saying how; SDR frames are uint8 either way. admit(indices) is called with the sampled frames
+    before any is decoded, and may raise to refuse them (the encoder's token budget)."""
+    if isinstance(sampling, int):
+        sampling = FrameSampling(num_frames=sampling)
     if not data:
         raise VideoError("the video is empty (0 bytes)")
     if len(data) > limits.max_bytes:
@@ -274,21 +288,21 @@ def decode_video(data: bytes | mmap.mmap, num_frames: int, limits: VideoLimits,
         index = dataclasses.replace(demux(container), tone_map=tone_map)
         if index.frames == 0:
             raise VideoError("the video has no decodable frames")
+        timeline = index.timeline(header)
+        selection = select(sampling, timeline)
+        indices = selection.indices
+        admit(indices)
         # beside the runs, on the container's own decoder (the only one that sees the display matrix)
         turn = _PROBES.submit(orientation.probe, video_stream(container).codec_context, index.packets)
         try:
-            indices = sample_indices(index.frames, num_frames)
             frames = _decode_selected(index, indices, allocate, turn)
         finally:
             turn.exception()  # the probe is done with the container before it closes
     if len(frames.filled) < len(frames.slots):
         raise VideoError("the video is corrupt or truncated: frames could not be decoded")
     # from the frames' own timestamps where they are usable: right for variable frame rates too
-    span = index.span_s()
-    duration = span or header.duration_s
-    fps = index.frames / span if span else header.fps
-    if duration <= 0 and fps > 0:
-        duration = index.frames / fps
+    times = timeline.times_s[indices].tolist() if timeline.times_s is not None else None
     left_hdr = frames.array.dtype == np.uint16
-    return DecodedVideo(frames.array, indices, index.frames, fps, duration, turn.result(), index.color.report(),
-                        index.color.transfer if left_hdr else None, index.timestamps_s(indices))
+    return DecodedVideo(frames.array, indices, index.frames, timeline.fps, timeline.duration_s, turn.result(),
+                        index.color.report(), index.color.transfer if left_hdr else None, times,
+                        (selection.start_s, selection.end_s))

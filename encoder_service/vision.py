@@ -59,6 +59,7 @@ class CompressionTrace:
 
     frames_after_merge: int
     segments: list[tuple[int, int]]  # final segments in original frame indices, inclusive
+    merged_frames: list[tuple[int, int]]  # per output frame: the original frames Stage I fused into it, inclusive
     kept: list[list[int]]  # per output frame, kept positions on the pooled grid (raster order)
     tokens_per_frame: int
     layer_frames: list[int]  # frames each encoder layer processed
@@ -317,6 +318,7 @@ class VisionEncoder:
         trace = CompressionTrace(
             frames_after_merge=merged,
             segments=[(flow.spans[first][0], flow.spans[last][1]) for first, last in segments],
+            merged_frames=list(flow.spans),
             kept=kept,
             tokens_per_frame=n,
             layer_frames=flow.layer_frames,

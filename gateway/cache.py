@@ -73,8 +73,10 @@ class EncodedVideo:
         return cls(header, payload)
 
 
-def cache_key(model_id: str, video_sha256: str, num_frames: int, compression: dict) -> str:
-    settings = json.dumps({"frames": num_frames, "compression": compression}, sort_keys=True)
+def cache_key(model_id: str, video_sha256: str, sampling: dict, compression: dict, max_visual_tokens: int = 0) -> str:
+    """sampling, compression: the resolved settings' cache_fields (equivalent spellings give one key)."""
+    settings = json.dumps({"sampling": sampling, "compression": compression, "max_visual_tokens": max_visual_tokens},
+                          sort_keys=True)
     digest = hashlib.sha256(f"{model_id}\n{video_sha256}\n{settings}".encode()).hexdigest()
     return f"videollm:v1:tokens:{digest}"
 

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from videollm.proto_mapping import describe_errors
+from videollm.transport import PARAM_METADATA
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ def from_grpc(err: grpc.aio.AioRpcError, service: str) -> APIError:
     if status >= 500:
         message = f"the {service} failed: {message}"
     headers = {"Retry-After": "1"} if status in (429, 503) else None
-    return APIError(status, message, type_=type_, code=code, headers=headers)
+    param = dict(err.trailing_metadata() or ()).get(PARAM_METADATA)  # the REST field at fault, when it said
+    return APIError(status, message, type_=type_, param=param, code=code, headers=headers)
 
 
 # -- exception handlers ---------------------------------------------------------------------------

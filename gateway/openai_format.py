@@ -12,12 +12,15 @@ import time
 import uuid
 from collections.abc import Iterator
 
+from pydantic import ValidationError
+
 from gateway.errors import bad_request
 from gateway.requests import ChatRequest, Outcome, VideoRequest
 from gateway.schemas import ChatCompletionRequest, ChatMessage, TextPart, VideoPart, VideoURL
 from gateway.videos import VideoSources
 from protos.videollm.v1 import encoder_pb2, llm_pb2
-from videollm.proto_mapping import compression_from_proto, inner_to_proto
+from videollm.frame_sampling import FrameSampling
+from videollm.proto_mapping import compression_from_proto, describe_validation_error, inner_to_proto, sampling_dict
 from videollm.settings import CompressionSettings
 
 ENCODER_STAGES = ("decode", "preprocess", "queue", "vision", "stage1", "importance", "projector", "stage2", "total")
@@ -31,11 +34,30 @@ async def to_chat_request(body: ChatCompletionRequest, videos: VideoSources) -> 
     if video_url is not None:
         options = body.videollm
         overrides = options.compression.encoder_fields() if options.compression else {}
-        video = VideoRequest(await videos.resolve(video_url.url, video_url.payload), options.num_frames, overrides)
+        video = VideoRequest(await videos.resolve(video_url.url, video_url.payload), frame_sampling(body), overrides,
+                             options.max_visual_tokens)
     elif any(value is not None for value in body.videollm.model_dump().values()):
         raise bad_request("videollm options need a video_url content part", "videollm")
+    elif body.media_io_kwargs is not None and body.media_io_kwargs.video is not None:
+        raise bad_request("media_io_kwargs.video needs a video_url content part", "media_io_kwargs")
     inner = body.videollm.inner_compression
     return ChatRequest(messages, sampling_params(body), video, inner_to_proto(inner) if inner is not None else None)
+
+
+def frame_sampling(body: ChatCompletionRequest) -> FrameSampling:
+    """The request's frame sampling, from `videollm` or from vLLM's `media_io_kwargs.video`."""
+    asked = body.videollm.sampling()
+    vllm = body.media_io_kwargs.video if body.media_io_kwargs is not None else None
+    if vllm is None:
+        return asked
+    if asked.model_dump(exclude_none=True, exclude={"start_s", "end_s"}):
+        raise bad_request("give the frame sampling in videollm or in media_io_kwargs.video, not both",
+                          "media_io_kwargs.video")
+    try:
+        return vllm.sampling().model_copy(update={"start_s": asked.start_s, "end_s": asked.end_s})
+    except ValidationError as err:
+        raise bad_request(describe_validation_error(err, "media_io_kwargs.video", FrameSampling),
+                          "media_io_kwargs.video") from err
 
 
 def prompt_messages(messages: list[ChatMessage]) -> tuple[list[llm_pb2.ChatMessage], VideoURL | None]:
@@ -142,6 +164,7 @@ def videollm_object(outcome: Outcome, received_at: float) -> dict:
         "cache": outcome.cache,
         "frames": header.frames_sampled if header is not None else 0,
         "visual_tokens": final.usage.visual_tokens if final else 0,
+        "max_visual_tokens": outcome.max_visual_tokens or None,
         "timings_ms": timings_object(outcome, received_at),
         "decode_tokens_per_s": round(final.timings.decode_tokens_per_s, 2) if final else None,
     }
@@ -196,8 +219,15 @@ def encoding_report(header: encoder_pb2.EncodeHeader, final: llm_pb2.GenerateFin
             "color": {"transfer": header.source_color.transfer, "primaries": header.source_color.primaries,
                       "bit_depth": header.source_color.bit_depth, "conversion": header.source_color.conversion},
         },
+        # the sampling as resolved against the video (the window in seconds), and the frames it took
+        "sampling": {**sampling_dict(header.sampling), "frame_indices": list(header.frame_indices),
+                     "timestamps_s": [round(t, 6) for t in header.frame_timestamps_s] or None},
         "frames_after_merge": info.frames_after_merge,
         "segments": [[s.first, s.last] for s in info.segments],
+        # per output frame: the sampled frames Stage I fused into it, and the time they stand for
+        # (until the next sampled frame)
+        "merged_frames": [[s.first, s.last] for s in info.merged_frames],
+        "output_spans_s": [[round(s.start_s, 6), round(s.end_s, 6)] for s in header.output_spans] or None,
         "kept": [list(k.positions) for k in info.kept],
         "compression": {
             "method": info.method,

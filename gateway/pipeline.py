@@ -22,10 +22,11 @@ from gateway.backends import PrefixHolders, Replica, ReplicaPool
 from gateway.cache import EncodedVideo, SingleFlight, TokenCache
 from gateway.errors import APIError, from_grpc
 from gateway.relay import GenerateRequests, VisualSource, generate_setup
-from gateway.requests import ChatRequest, EncodeJob, Outcome, VideoRequest
+from gateway.requests import ChatRequest, EncodeJob, Outcome, VideoRequest, fitting_advice
 from gateway.video_handoff import VideoHandoff
 from protos.videollm.v1 import encoder_pb2, llm_pb2
 from videollm.settings import GatewaySettings
+from videollm.transport import VISUAL_FIT_METADATA
 
 
 class Pipeline:
@@ -48,6 +49,7 @@ class Pipeline:
         source = None
         if request.video is not None:
             job = await self.resolve(request.video)
+            outcome.max_visual_tokens = job.max_visual_tokens
             source = await self.visual_source(job, outcome, request.remaining_s())
             outcome.header = source.header
         try:
@@ -204,7 +206,12 @@ class Pipeline:
             if err.code() == grpc.StatusCode.UNAVAILABLE:
                 self.llms.skipping(replica)
                 return None
-            raise from_grpc(err, "LLM") from err
+            error = from_grpc(err, "LLM")
+            fit = dict(err.trailing_metadata() or ()).get(VISUAL_FIT_METADATA)
+            if fit is not None and source is not None:  # the prompt is over the context: say what fits
+                error.message += "; " + fitting_advice(int(fit), source.header)
+                error.param = "videollm.max_visual_tokens"
+            raise error from err
         except BaseException:
             call.cancel()
             self.llms.release(replica)

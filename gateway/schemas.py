@@ -7,9 +7,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model
 from pydantic.fields import FieldInfo
 
+from videollm.frame_sampling import UINT32_MAX, FrameSampling
 from videollm.settings import CompressionSettings, InnerCompressionSettings
-
-UINT32_MAX = 2**32 - 1  # integers that travel as uint32 on the gRPC hops; larger ones are a 400 here
 
 
 class TextPart(BaseModel):
@@ -73,16 +72,48 @@ CompressionOverrides = overrides_of(
 )
 
 
-class VideoOptions(BaseModel):
-    """Per-request overrides of frame sampling and compression."""
+class VideoOptions(FrameSampling):
+    """Per-request frame sampling (videollm/frame_sampling.py), token budget and compression."""
 
     model_config = ConfigDict(extra="forbid")
 
-    num_frames: int | None = Field(None, ge=1, le=UINT32_MAX, description="frames sampled uniformly over the clip")
+    max_visual_tokens: int | None = Field(None, ge=1, le=UINT32_MAX, description="a ceiling on the visual tokens: "
+                                          "the retain ratio is lowered until the worst case fits (method none: "
+                                          "a 400 when the frames cannot fit)")
     compression: CompressionOverrides | None = None
     inner_compression: InnerCompressionSettings | None = Field(
         None, description="EarlyTom Stage III in the LLM (off unless given; such a request never reuses a "
                           "cached video prefix)")
+
+
+    def sampling(self) -> FrameSampling:
+        return FrameSampling(**{name: getattr(self, name) for name in FrameSampling.model_fields})
+
+
+class VideoIOKwargs(BaseModel):
+    """vLLM's per-request video options (`media_io_kwargs.video`), for clients written for vLLM.
+    As vLLM reads them: with both num_frames and fps, the fewer frames of the two (here: fps with
+    max_frames = num_frames); -1 or 0 = not given (vLLM's num_frames -1, every frame, is the
+    server's default here: every frame of a long video would exceed the frame limit)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_frames: int | None = Field(None, ge=-1, le=UINT32_MAX)
+    fps: float | None = Field(None, ge=-1)
+    max_frames: int | None = Field(None, ge=-1, le=UINT32_MAX)
+
+    def sampling(self) -> FrameSampling:
+        """In this server's terms; pydantic's ValidationError for a value out of range."""
+        num_frames, fps, max_frames = (value if value and value > 0 else None
+                                       for value in (self.num_frames, self.fps, self.max_frames))
+        cap = min((v for v in (num_frames, max_frames) if v is not None), default=None)
+        return FrameSampling(fps=fps, max_frames=cap) if fps is not None else FrameSampling(num_frames=cap)
+
+
+class MediaIOKwargs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    video: VideoIOKwargs | None = None
 
 
 class ChatCompletionRequest(BaseModel):
@@ -100,6 +131,8 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=1, description="only one choice per request")
     user: str | None = None
     videollm: VideoOptions = VideoOptions()
+    media_io_kwargs: MediaIOKwargs | None = Field(None, description="vLLM's spelling of the frame sampling: "
+                                                  '{"video": {"num_frames": N, "fps": F}}')
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

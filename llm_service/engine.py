@@ -38,6 +38,15 @@ class GenerateRequestError(ValueError):
     """The request cannot be served as given; the message says why."""
 
 
+class ContextTooLong(GenerateRequestError):
+    """The prompt, its visual tokens and max_tokens exceed the context; `visual_fit` visual tokens
+    would fit with this prompt and max_tokens (0 or less: none would)."""
+
+    def __init__(self, message: str, visual_fit: int):
+        super().__init__(message)
+        self.visual_fit = visual_fit
+
+
 class Overloaded(RuntimeError):
     pass
 
@@ -137,10 +146,10 @@ class LLMEngine:
         visual = request.visual.shape[0] if request.visual is not None else request.visual_count
         context = len(ids) - placeholders + visual + request.sampling.max_tokens
         if context > self.settings.max_context_tokens:
-            raise GenerateRequestError(
+            raise ContextTooLong(
                 f"prompt ({len(ids) - placeholders} text + {visual} visual tokens) plus max_tokens "
-                f"({request.sampling.max_tokens}) is {context} tokens; the limit is {self.settings.max_context_tokens}"
-            )
+                f"({request.sampling.max_tokens}) is {context} tokens; the limit is {self.settings.max_context_tokens}",
+                self.settings.max_context_tokens - (context - visual))
         return ids
 
     def _embed(self, ids: list[int], visual: torch.Tensor | None) -> torch.Tensor:

@@ -9,7 +9,7 @@ import time
 import grpc
 
 from llm_service.pull import EncoderPuller
-from llm_service.engine import Delta, GenerateRequestError, GenerationRequest, LLMEngine, Overloaded
+from llm_service.engine import ContextTooLong, Delta, GenerateRequestError, GenerationRequest, LLMEngine, Overloaded
 from llm_service.prompt import VIDEO, Message
 from llm_service.sampling import SamplingParams
 from protos.videollm.v1 import llm_pb2, llm_pb2_grpc
@@ -121,6 +121,9 @@ class LLMServicer(llm_pb2_grpc.LLMServicer):
             request.receive_ms = (time.perf_counter() - arrived) * 1e3
             events = self.engine.generate(request)
             first_event = next(events)  # validation errors surface here, before any text is sent
+        except ContextTooLong as err:  # the gateway turns the room left into advice in the request's terms
+            context.set_trailing_metadata(((transport.VISUAL_FIT_METADATA, str(err.visual_fit)),))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except (GenerateRequestError, transport.WireError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except Overloaded as err:

@@ -72,14 +72,18 @@ def test_default_and_explicit_settings_share_one_entry(gateway, encoder_service,
 
 
 def test_the_key_covers_model_video_frames_and_compression():
-    base = cache_key("model@1", "ab" * 32, 32, {"method": "none"})
-    assert base == cache_key("model@1", "ab" * 32, 32, {"method": "none"})
+    frames = {"num_frames": 32}
+    base = cache_key("model@1", "ab" * 32, frames, {"method": "none"})
+    assert base == cache_key("model@1", "ab" * 32, {"num_frames": 32}, {"method": "none"})
     variants = [
-        cache_key("model@2", "ab" * 32, 32, {"method": "none"}),
-        cache_key("model@1", "cd" * 32, 32, {"method": "none"}),
-        cache_key("model@1", "ab" * 32, 16, {"method": "none"}),
-        cache_key("model@1", "ab" * 32, 32, {"method": "earlytom", "retain_ratio": 0.2}),
-        cache_key("model@1", "ab" * 32, 32, {"method": "earlytom", "retain_ratio": 0.1}),
+        cache_key("model@2", "ab" * 32, frames, {"method": "none"}),
+        cache_key("model@1", "cd" * 32, frames, {"method": "none"}),
+        cache_key("model@1", "ab" * 32, {"num_frames": 16}, {"method": "none"}),
+        cache_key("model@1", "ab" * 32, {"num_frames": 32, "end_s": 5.0}, {"method": "none"}),
+        cache_key("model@1", "ab" * 32, {"fps": 1.0, "max_frames": 32}, {"method": "none"}),
+        cache_key("model@1", "ab" * 32, frames, {"method": "earlytom", "retain_ratio": 0.2}),
+        cache_key("model@1", "ab" * 32, frames, {"method": "earlytom", "retain_ratio": 0.1}),
+        cache_key("model@1", "ab" * 32, frames, {"method": "earlytom", "retain_ratio": 0.1}, max_visual_tokens=500),
     ]
     assert len({base, *variants}) == len(variants) + 1
 

@@ -28,7 +28,7 @@ def encode(stub, video: bytes, frames: int = 4, method: str = "none"):
         (b"", 4, "empty"),
         (b"this is not a video at all" * 100, 4, "could not read"),
         (make_video("mp4")[:3000], 4, ""),
-        (make_video("mp4"), 65, "num_frames must be at most 64"),
+        (make_video("mp4"), 65, "videollm.num_frames: must be at most 64"),
     ],
     ids=["empty", "not-a-video", "truncated", "too-many-frames"],
 )

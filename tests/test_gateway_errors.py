@@ -253,7 +253,7 @@ def test_an_unknown_model_name_gets_404(gateway, clean_redis, small_mp4):
         pytest.param({"n": 2}, "n", id="n 2"),
         pytest.param({"max_tokens": 0}, "max_tokens", id="max_tokens 0"),
         pytest.param({"top_p": 0}, "top_p", id="top_p 0"),
-        pytest.param({"videollm": {"num_frames": 4, "fps": 2}}, "videollm.fps", id="unknown videollm field"),
+        pytest.param({"videollm": {"num_frames": 4, "frame_rate": 2}}, "videollm.frame_rate", id="unknown videollm field"),
         pytest.param({"videollm": {"num_frames": 0}}, "videollm.num_frames", id="num_frames 0"),
         pytest.param({"videollm": {"compression": {"method": "zip"}}}, "videollm.compression.method",
                      id="unknown compression method"),

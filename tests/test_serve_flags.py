@@ -112,7 +112,7 @@ def test_serve_passes_every_flag_to_the_services_that_own_it(tiny_model_dir, red
         too_many = httpx.post(f"{base}/v1/chat/completions", headers=auth, timeout=120, json=video_chat(
             video, model="my-video-model", videollm={"num_frames": 32}))
         assert too_many.status_code == 400
-        assert "num_frames must be at most 24" in too_many.json()["error"]["message"]
+        assert "num_frames: must be at most 24" in too_many.json()["error"]["message"]
         served = httpx.post(f"{base}/v1/chat/completions", headers=auth, timeout=120, json=video_chat(
             video, model="my-video-model", videollm={"num_frames": 16}))
         assert served.status_code == 200, served.text

@@ -19,7 +19,8 @@ from gateway.schemas import CompressionOverrides
 from gateway.videos import Video
 from protos.videollm.v1 import encoder_pb2
 from videollm.proto_mapping import compression_from_proto, compression_overrides, compression_to_proto
-from videollm.settings import CompressionSettings, EncoderSettings, GatewaySettings, frames_to_sample
+from videollm.frame_sampling import FrameSampling
+from videollm.settings import CompressionSettings, EncoderSettings, GatewaySettings
 
 # a valid value other than the default for every compression setting
 NON_DEFAULT = {"method": "none", "retain_ratio": 0.35, "tau": -0.25, "max_window": 9, "ema": 0.55,
@@ -118,25 +119,18 @@ def test_overrides_replace_only_the_fields_they_name_and_are_checked_on_the_whol
         defaults.overridden({"prune_layers": [26]})
 
 
-def test_the_frame_count_is_the_requests_or_the_default_and_never_above_the_limit():
-    assert frames_to_sample(None, 32, 64) == 32
-    assert frames_to_sample(0, 32, 64) == 32
-    assert frames_to_sample(64, 32, 64) == 64
-    with pytest.raises(ValueError, match="num_frames must be at most 64, got 65"):
-        frames_to_sample(65, 32, 64)
-
-
 def test_the_gateway_takes_the_frame_settings_from_the_encoder():
     assert "max_frames" not in GatewaySettings.model_fields and "default_frames" not in GatewaySettings.model_fields
     encoder = EncoderSettings(max_frames=24, default_frames=6, compression={"retain_ratio": 0.3})
     info = encoder_pb2.EncoderInfo(model_id="m", default_frames=encoder.default_frames, max_frames=encoder.max_frames,
                                    default_compression=compression_to_proto(encoder.compression))
     video = Video.of(b"not a video")
-    job = VideoRequest(video, None, {"tau": 0.2}).resolve(info)
-    assert job.frames == 6
+    job = VideoRequest(video, FrameSampling(), {"tau": 0.2}).resolve(info)
+    assert job.sampling.num_frames == 6
     assert job.compression == encoder.compression.overridden({"tau": 0.2})
-    assert VideoRequest(video, 24, {}).resolve(info).frames == 24
+    assert VideoRequest(video, FrameSampling(num_frames=24), {}).resolve(info).sampling.num_frames == 24
+    assert VideoRequest(video, FrameSampling(fps=2.0), {}).resolve(info).sampling.max_frames == 24  # fps's cap
     with pytest.raises(APIError) as refused:
-        VideoRequest(video, 25, {}).resolve(info)
+        VideoRequest(video, FrameSampling(num_frames=25), {}).resolve(info)
     assert (refused.value.status, refused.value.param) == (400, "videollm.num_frames")
-    assert refused.value.message == "num_frames must be at most 24, got 25"
+    assert refused.value.message == "videollm.num_frames: must be at most 24 (the server's frame limit), got 25"

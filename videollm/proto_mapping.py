@@ -1,10 +1,12 @@
-"""Compression settings (encoder and Stage III) <-> their protobuf messages, in one place for every service."""
+"""Frame sampling and compression settings (encoder and Stage III) <-> their protobuf messages, in
+one place for every service."""
 
 from __future__ import annotations
 
 from pydantic import ValidationError
 
 from protos.videollm.v1 import encoder_pb2, llm_pb2
+from videollm.frame_sampling import FrameSampling
 from videollm.settings import CompressionSettings, InnerCompressionSettings
 
 _PROTO_FIELDS = encoder_pb2.Compression.DESCRIPTOR.fields_by_name
@@ -43,6 +45,30 @@ def compression_from_proto(message: encoder_pb2.Compression, defaults: Compressi
         return defaults.overridden(compression_overrides(message))
     except ValidationError as err:
         raise ValueError(describe_validation_error(err, "compression")) from err
+
+
+def sampling_to_proto(sampling: FrameSampling, window_s: tuple[float, float] | None = None) -> encoder_pb2.FrameSampling:
+    """window_s: the window as served (a header's), in place of the one asked for."""
+    start_s, end_s = window_s if window_s is not None else (sampling.start_s, sampling.end_s)
+    return encoder_pb2.FrameSampling(num_frames=sampling.num_frames or 0, fps=sampling.fps or 0.0,
+                                     max_frames=sampling.max_frames or 0, start_s=start_s, end_s=end_s)
+
+
+def sampling_from_proto(message: encoder_pb2.FrameSampling) -> FrameSampling:
+    """Raises ValueError with a readable message when a value is out of range."""
+    try:
+        return FrameSampling(num_frames=message.num_frames or None, fps=message.fps or None,
+                             max_frames=message.max_frames or None,
+                             start_s=message.start_s if message.HasField("start_s") else None,
+                             end_s=message.end_s if message.HasField("end_s") else None)
+    except ValidationError as err:
+        raise ValueError(describe_validation_error(err, "sampling", FrameSampling)) from err
+
+
+def sampling_dict(message: encoder_pb2.FrameSampling) -> dict:
+    """A header's resolved sampling, as a request's `videollm` object spells it."""
+    asked = {"fps": message.fps, "max_frames": message.max_frames} if message.fps else {"num_frames": message.num_frames}
+    return {**asked, "start_s": message.start_s, "end_s": message.end_s}
 
 
 def inner_to_proto(settings: InnerCompressionSettings) -> llm_pb2.InnerCompression:

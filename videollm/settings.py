@@ -144,7 +144,8 @@ class EncoderSettings(_ServiceSettings):
     port: int = Field(50051, description="port to listen on")
     default_frames: int = Field(32, ge=1, description="frames sampled when a request names none (at most "
                                 "max_frames: a lower max_frames lowers it too unless it is given)")
-    max_frames: int = Field(64, ge=1, description="largest num_frames a request may ask for")
+    max_frames: int = Field(64, ge=1, description="most frames one request may sample (num_frames, or the cap of "
+                            "fps sampling, whose default it is)")
     batch_max_requests: int = Field(1, ge=1, le=64, description="requests whose frames may go through the vision "
                                     "tower together (1 = each alone, the default: batching was measured slower "
                                     "end to end, docs/bench/README.md)")
@@ -170,16 +171,6 @@ class EncoderSettings(_ServiceSettings):
                              f"({self.max_frames}) when batch_max_requests > 1, or the longest requests could "
                              "never run")
         return self
-
-
-def frames_to_sample(num_frames: int | None, default_frames: int, max_frames: int) -> int:
-    """A request's frame count (0 or None: the default), checked against the limit: the one check of
-    EncoderSettings' frame limit, in the gateway (before the encode) and in the encoder. Raises
-    ValueError beyond the limit."""
-    frames = num_frames or default_frames
-    if frames > max_frames:
-        raise ValueError(f"num_frames must be at most {max_frames}, got {frames}")
-    return frames
 
 
 class LLMSettings(_ServiceSettings):

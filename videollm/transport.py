@@ -25,6 +25,10 @@ ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # the dtypes a tens
 
 ENCODER_SERVICE = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name
 LLM_SERVICE = llm_pb2.DESCRIPTOR.services_by_name["LLM"].full_name
+# trailing metadata of an INVALID_ARGUMENT: the REST field at fault (an error's `param` in the gateway)
+PARAM_METADATA = "videollm-param"
+# trailing metadata of the LLM's INVALID_ARGUMENT for a prompt over its context: the visual tokens that would fit
+VISUAL_FIT_METADATA = "videollm-visual-fit"
 ENCODE_CHUNK_FIELD = encoder_pb2.EncodeResponse.DESCRIPTOR.fields_by_name["chunk"].number
 VISUAL_CHUNK_FIELD = llm_pb2.GenerateRequest.DESCRIPTOR.fields_by_name["visual_chunk"].number
 

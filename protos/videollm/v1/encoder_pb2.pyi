@@ -50,10 +50,26 @@ class EncoderInfo(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., default_frames: _Optional[int] = ..., max_frames: _Optional[int] = ..., default_compression: _Optional[_Union[Compression, _Mapping]] = ..., encoder_layers: _Optional[int] = ..., tokens_per_frame: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., max_video_bytes: _Optional[int] = ..., encodes_completed: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., pulls_served: _Optional[int] = ..., tower_batches: _Optional[int] = ..., batch_max_frames: _Optional[int] = ..., batch_max_requests: _Optional[int] = ..., settings_json: _Optional[str] = ..., videos_taken: _Optional[int] = ...) -> None: ...
 
 class FrameSampling(_message.Message):
-    __slots__ = ("num_frames",)
+    __slots__ = ("num_frames", "fps", "max_frames", "start_s", "end_s")
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    START_S_FIELD_NUMBER: _ClassVar[int]
+    END_S_FIELD_NUMBER: _ClassVar[int]
     num_frames: int
-    def __init__(self, num_frames: _Optional[int] = ...) -> None: ...
+    fps: float
+    max_frames: int
+    start_s: float
+    end_s: float
+    def __init__(self, num_frames: _Optional[int] = ..., fps: _Optional[float] = ..., max_frames: _Optional[int] = ..., start_s: _Optional[float] = ..., end_s: _Optional[float] = ...) -> None: ...
+
+class TimeSpan(_message.Message):
+    __slots__ = ("start_s", "end_s")
+    START_S_FIELD_NUMBER: _ClassVar[int]
+    END_S_FIELD_NUMBER: _ClassVar[int]
+    start_s: float
+    end_s: float
+    def __init__(self, start_s: _Optional[float] = ..., end_s: _Optional[float] = ...) -> None: ...
 
 class Compression(_message.Message):
     __slots__ = ("method", "retain_ratio", "tau", "max_window", "ema", "prune_layers", "d", "k", "beta")
@@ -84,7 +100,7 @@ class LayerList(_message.Message):
     def __init__(self, layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("video", "sampling", "compression", "request_id", "offer_pull", "video_ticket", "video_size")
+    __slots__ = ("video", "sampling", "compression", "request_id", "offer_pull", "video_ticket", "video_size", "max_visual_tokens")
     VIDEO_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +108,7 @@ class EncodeRequest(_message.Message):
     OFFER_PULL_FIELD_NUMBER: _ClassVar[int]
     VIDEO_TICKET_FIELD_NUMBER: _ClassVar[int]
     VIDEO_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_VISUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     video: bytes
     sampling: FrameSampling
     compression: Compression
@@ -99,7 +116,8 @@ class EncodeRequest(_message.Message):
     offer_pull: bool
     video_ticket: str
     video_size: int
-    def __init__(self, video: _Optional[bytes] = ..., sampling: _Optional[_Union[FrameSampling, _Mapping]] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ..., request_id: _Optional[str] = ..., offer_pull: _Optional[bool] = ..., video_ticket: _Optional[str] = ..., video_size: _Optional[int] = ...) -> None: ...
+    max_visual_tokens: int
+    def __init__(self, video: _Optional[bytes] = ..., sampling: _Optional[_Union[FrameSampling, _Mapping]] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ..., request_id: _Optional[str] = ..., offer_pull: _Optional[bool] = ..., video_ticket: _Optional[str] = ..., video_size: _Optional[int] = ..., max_visual_tokens: _Optional[int] = ...) -> None: ...
 
 class Segment(_message.Message):
     __slots__ = ("first", "last")
@@ -116,7 +134,7 @@ class KeptPositions(_message.Message):
     def __init__(self, positions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CompressionInfo(_message.Message):
-    __slots__ = ("method", "frames_after_merge", "segments", "kept", "settings", "tokens_per_frame", "layer_frames", "scaled_prune_layers")
+    __slots__ = ("method", "frames_after_merge", "segments", "kept", "settings", "tokens_per_frame", "layer_frames", "scaled_prune_layers", "merged_frames")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     FRAMES_AFTER_MERGE_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +143,7 @@ class CompressionInfo(_message.Message):
     TOKENS_PER_FRAME_FIELD_NUMBER: _ClassVar[int]
     LAYER_FRAMES_FIELD_NUMBER: _ClassVar[int]
     SCALED_PRUNE_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MERGED_FRAMES_FIELD_NUMBER: _ClassVar[int]
     method: str
     frames_after_merge: int
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
@@ -133,7 +152,8 @@ class CompressionInfo(_message.Message):
     tokens_per_frame: int
     layer_frames: _containers.RepeatedScalarFieldContainer[int]
     scaled_prune_layers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, method: _Optional[str] = ..., frames_after_merge: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., kept: _Optional[_Iterable[_Union[KeptPositions, _Mapping]]] = ..., settings: _Optional[_Union[Compression, _Mapping]] = ..., tokens_per_frame: _Optional[int] = ..., layer_frames: _Optional[_Iterable[int]] = ..., scaled_prune_layers: _Optional[_Iterable[int]] = ...) -> None: ...
+    merged_frames: _containers.RepeatedCompositeFieldContainer[Segment]
+    def __init__(self, method: _Optional[str] = ..., frames_after_merge: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., kept: _Optional[_Iterable[_Union[KeptPositions, _Mapping]]] = ..., settings: _Optional[_Union[Compression, _Mapping]] = ..., tokens_per_frame: _Optional[int] = ..., layer_frames: _Optional[_Iterable[int]] = ..., scaled_prune_layers: _Optional[_Iterable[int]] = ..., merged_frames: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
 
 class EncodeTimings(_message.Message):
     __slots__ = ("decode_ms", "preprocess_ms", "vision_ms", "projector_ms", "queue_ms", "total_ms", "stage1_ms", "importance_ms", "stage2_ms")
@@ -166,7 +186,7 @@ class EncoderFlops(_message.Message):
     def __init__(self, encoder: _Optional[float] = ..., encoder_uncompressed: _Optional[float] = ...) -> None: ...
 
 class EncodeHeader(_message.Message):
-    __slots__ = ("tensor", "frames_sampled", "source_duration_s", "source_fps", "source_frames", "frame_indices", "timings", "compression", "model_id", "flops", "uncompressed_tokens", "pull_ticket", "batch_requests", "batch_frames", "source_rotation", "source_mirrored", "frame_timestamps_s", "source_color")
+    __slots__ = ("tensor", "frames_sampled", "source_duration_s", "source_fps", "source_frames", "frame_indices", "timings", "compression", "model_id", "flops", "uncompressed_tokens", "pull_ticket", "batch_requests", "batch_frames", "source_rotation", "source_mirrored", "frame_timestamps_s", "source_color", "sampling", "output_spans")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     FRAMES_SAMPLED_FIELD_NUMBER: _ClassVar[int]
     SOURCE_DURATION_S_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +205,8 @@ class EncodeHeader(_message.Message):
     SOURCE_MIRRORED_FIELD_NUMBER: _ClassVar[int]
     FRAME_TIMESTAMPS_S_FIELD_NUMBER: _ClassVar[int]
     SOURCE_COLOR_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SPANS_FIELD_NUMBER: _ClassVar[int]
     tensor: _tensor_pb2.TensorHeader
     frames_sampled: int
     source_duration_s: float
@@ -203,7 +225,9 @@ class EncodeHeader(_message.Message):
     source_mirrored: bool
     frame_timestamps_s: _containers.RepeatedScalarFieldContainer[float]
     source_color: SourceColor
-    def __init__(self, tensor: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., frames_sampled: _Optional[int] = ..., source_duration_s: _Optional[float] = ..., source_fps: _Optional[float] = ..., source_frames: _Optional[int] = ..., frame_indices: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[EncodeTimings, _Mapping]] = ..., compression: _Optional[_Union[CompressionInfo, _Mapping]] = ..., model_id: _Optional[str] = ..., flops: _Optional[_Union[EncoderFlops, _Mapping]] = ..., uncompressed_tokens: _Optional[int] = ..., pull_ticket: _Optional[str] = ..., batch_requests: _Optional[int] = ..., batch_frames: _Optional[int] = ..., source_rotation: _Optional[int] = ..., source_mirrored: _Optional[bool] = ..., frame_timestamps_s: _Optional[_Iterable[float]] = ..., source_color: _Optional[_Union[SourceColor, _Mapping]] = ...) -> None: ...
+    sampling: FrameSampling
+    output_spans: _containers.RepeatedCompositeFieldContainer[TimeSpan]
+    def __init__(self, tensor: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., frames_sampled: _Optional[int] = ..., source_duration_s: _Optional[float] = ..., source_fps: _Optional[float] = ..., source_frames: _Optional[int] = ..., frame_indices: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[EncodeTimings, _Mapping]] = ..., compression: _Optional[_Union[CompressionInfo, _Mapping]] = ..., model_id: _Optional[str] = ..., flops: _Optional[_Union[EncoderFlops, _Mapping]] = ..., uncompressed_tokens: _Optional[int] = ..., pull_ticket: _Optional[str] = ..., batch_requests: _Optional[int] = ..., batch_frames: _Optional[int] = ..., source_rotation: _Optional[int] = ..., source_mirrored: _Optional[bool] = ..., frame_timestamps_s: _Optional[_Iterable[float]] = ..., source_color: _Optional[_Union[SourceColor, _Mapping]] = ..., sampling: _Optional[_Union[FrameSampling, _Mapping]] = ..., output_spans: _Optional[_Iterable[_Union[TimeSpan, _Mapping]]] = ...) -> None: ...
 
 class SourceColor(_message.Message):
     __slots__ = ("transfer", "primaries", "bit_depth", "conversion")
