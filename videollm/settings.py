@@ -144,13 +144,20 @@ class EncoderSettings(_ServiceSettings):
     port: int = Field(50051, description="port to listen on")
     default_frames: int = Field(32, ge=1, description="frames sampled when a request names none (at most "
                                 "max_frames: a lower max_frames lowers it too unless it is given)")
-    max_frames: int = Field(64, ge=1, description="most frames one request may sample (num_frames, or the cap of "
-                            "fps sampling, whose default it is)")
+    max_frames: int = Field(1024, ge=1, description="most frames one request may sample (num_frames, or the cap "
+                            "of fps sampling, whose default it is)")
+    chunk_frames: int = Field(64, ge=1, description="frames the vision tower and the preprocessing take at once: a "
+                              "longer request runs in chunks of this many (the same tokens, bounded device memory), "
+                              "and a shorter request arriving meanwhile waits at most one chunk")
+    max_frames_in_flight: int = Field(2048, ge=1, description="sampled frames of all requests being decoded or "
+                                      "encoded at once (at least max_frames): more wait, so that memory stays "
+                                      "bounded however long the requests")
     batch_max_requests: int = Field(1, ge=1, le=64, description="requests whose frames may go through the vision "
                                     "tower together (1 = each alone, the default: batching was measured slower "
                                     "end to end, docs/bench/README.md)")
-    batch_max_frames: int = Field(128, ge=1, description="most sampled frames in one pass of the vision tower when "
-                                  "batch_max_requests > 1 (at least max_frames)")
+    batch_max_frames: int = Field(128, ge=1, description="most sampled frames of the requests that share a pass "
+                                  "of the vision tower when batch_max_requests > 1 (a longer request runs alone, "
+                                  "in chunks)")
     max_video_bytes: int = Field(256 * MiB, ge=1, description="largest video file accepted")
     max_duration_s: float = Field(4 * 3600.0, gt=0, description="longest video accepted, in seconds")
     max_frame_pixels: int = Field(3840 * 2160, ge=1, description="width*height of one decoded frame")
@@ -166,10 +173,9 @@ class EncoderSettings(_ServiceSettings):
                 raise ValueError(f"default_frames ({self.default_frames}) must be at most max_frames "
                                  f"({self.max_frames})")
             self.default_frames = self.max_frames  # only the limit was given: the default follows it
-        if self.batch_max_requests > 1 and self.batch_max_frames < self.max_frames:
-            raise ValueError(f"batch_max_frames ({self.batch_max_frames}) must be at least max_frames "
-                             f"({self.max_frames}) when batch_max_requests > 1, or the longest requests could "
-                             "never run")
+        if self.max_frames_in_flight < self.max_frames:
+            raise ValueError(f"max_frames_in_flight ({self.max_frames_in_flight}) must be at least max_frames "
+                             f"({self.max_frames}), or the longest requests could never run")
         return self
 
 
