@@ -11,12 +11,14 @@ from __future__ import annotations
 import mmap
 import threading
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from encoder_service import hdr
+from encoder_service.admission import FramesInFlight
 from encoder_service.tower_batcher import TowerBatcher, TowerJob
 from encoder_service.video_decode import DecodedVideo, VideoLimits, decode_video
 from encoder_service.vision import CompressionTrace, EncodeTimings, VisionEncoder, VisionOutput
@@ -52,14 +54,15 @@ class EncoderEngine:
         self.settings = settings
         model_dir = check_model_dir(settings.model)
         self.model_id = model_identity(model_dir)
-        self.vision = VisionEncoder(model_dir, settings.device, settings.torch_dtype_name())
+        self.vision = VisionEncoder(model_dir, settings.device, settings.torch_dtype_name(), settings.chunk_frames)
         self.processor = AutoVideoProcessor.from_pretrained(model_dir)
         self.limits = VideoLimits(settings.max_video_bytes, settings.max_duration_s, settings.max_frame_pixels)
-        # every frame bucket of a pass with the default settings (other schedules capture when first run)
-        pass_frames = settings.batch_max_frames if settings.batch_max_requests > 1 else settings.max_frames
-        self.vision.capture_graphs(pass_frames, [self.vision.schedule(settings.compression)])
-        self.batcher = TowerBatcher(self._run_batch, pass_frames, settings.batch_max_requests)
+        # every frame bucket of a step with the default settings (other schedules capture when first run);
+        # no step of the tower takes more than a chunk of frames
+        self.vision.capture_graphs(settings.chunk_frames, [self.vision.schedule(settings.compression)])
+        self.batcher = TowerBatcher(self._run_batch, settings.batch_max_frames, settings.batch_max_requests)
         self._admission = threading.BoundedSemaphore(settings.max_concurrent)
+        self.frames_in_flight = FramesInFlight(settings.max_frames_in_flight)
         self._count_lock = threading.Lock()
         self.encodes_completed = 0
 
@@ -87,29 +90,38 @@ class EncoderEngine:
     def _encode(self, video: bytes | mmap.mmap, sampling: FrameSampling, settings: CompressionSettings,
                 max_visual_tokens: int) -> EncodeResult:
         start = time.perf_counter()
+        taken, waited_ms = 0, 0.0
 
-        def within_budget(indices: list[int]) -> None:  # before any frame is decoded
-            nonlocal settings
+        def admit(indices: list[int]) -> None:  # the frames are known, none is decoded yet
+            nonlocal settings, taken, waited_ms
             if max_visual_tokens:
                 ratio = retain_for_budget(max_visual_tokens, len(indices), self.vision.tokens_per_frame,
                                           settings.method, settings.retain_ratio)
                 settings = settings.model_copy(update={"retain_ratio": ratio})
+            mark = time.perf_counter()
+            self.frames_in_flight.take(len(indices))
+            taken, waited_ms = len(indices), (time.perf_counter() - mark) * 1e3
 
-        # on a GPU, HDR frames cross as 16-bit R'G'B' and are tone-mapped there (_preprocess)
-        decoded = decode_video(video, sampling, self.limits, self._allocate_frames,
-                               tone_map=self.vision.device.type != "cuda", admit=within_budget)
-        num_frames = len(decoded.frame_indices)
-        decode_ms = (time.perf_counter() - start) * 1e3
+        try:
+            # on a GPU, HDR frames cross as 16-bit R'G'B' and are tone-mapped there (_preprocess)
+            decoded = decode_video(video, sampling, self.limits, self._allocate_frames,
+                                   tone_map=self.vision.device.type != "cuda", admit=admit)
+            num_frames = len(decoded.frame_indices)
+            decode_ms = (time.perf_counter() - start) * 1e3 - waited_ms
 
-        mark = time.perf_counter()
-        job = self._preprocess(decoded, settings)
-        preprocess_ms = (time.perf_counter() - mark) * 1e3
+            mark = time.perf_counter()
+            job = self._preprocess(decoded, settings)
+            preprocess_ms = (time.perf_counter() - mark) * 1e3
 
-        self.batcher.run(job)
+            self.batcher.run(job)
+        finally:
+            if taken:
+                self.frames_in_flight.give_back(taken)
         output: VisionOutput = job.result
         tokens = output.tokens  # [T'*n + 1, D_llm] on the CPU
         timings = output.timings  # the tower's part, this request's own copy
-        timings.decode_ms, timings.preprocess_ms, timings.queue_ms = decode_ms, preprocess_ms, job.queue_ms
+        # waiting: for room among the frames in flight, then for the device
+        timings.decode_ms, timings.preprocess_ms, timings.queue_ms = decode_ms, preprocess_ms, waited_ms + job.queue_ms
         timings.total_ms = (time.perf_counter() - start) * 1e3
 
         vision_config, text_hidden = self.vision.config.vision_config, self.vision.hidden_size
@@ -140,34 +152,43 @@ class EncoderEngine:
         return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True).numpy()
 
     def _preprocess(self, decoded: DecodedVideo, settings: CompressionSettings) -> TowerJob:
-        """Resize and normalise the frames (on a GPU there, on a stream of this thread's own so that
-        it overlaps the tower's work) -> the tower's job."""
+        """Resize and normalise the frames, a chunk at a time (on a GPU there, on a stream of this
+        thread's own so that it overlaps the tower's work) -> the tower's job."""
         key = self.vision.schedule(settings)
+        chunks = range(0, len(decoded.frames), self.settings.chunk_frames)
         if self.vision.device.type != "cuda":
-            pixels = self.processor(videos=[decoded.frames], return_tensors="pt")["pixel_values_videos"][0]
-            return TowerJob(pixels, settings, key)  # pixels [T, 3, H, W]
+            pixels = [self.processor(videos=[decoded.frames[i : i + self.settings.chunk_frames]],
+                                     return_tensors="pt")["pixel_values_videos"][0] for i in chunks]
+            return TowerJob(torch.cat(pixels) if len(pixels) > 1 else pixels[0], settings, key)  # [T, 3, H, W]
         stream = torch.cuda.Stream(self.vision.device)
         with torch.cuda.stream(stream):
-            # the frames as they are, [T, H, W, 3], to the GPU in one copy from page-locked memory; the
-            # processor then makes them channels-first there (given an array, it does that on the CPU:
-            # a strided copy of 200 MB for 32 frames of 1080p, before a copy from pageable memory)
-            frames = torch.from_numpy(decoded.frames).to(self.vision.device, non_blocking=True)
-            if decoded.hdr_transfer is not None:  # [T, H, W, 3] uint16 HDR -> uint8 SDR
-                frames = hdr.to_sdr(frames, decoded.hdr_transfer)
-            pixels = self.processor(videos=[frames], return_tensors="pt", input_data_format="channels_last",
-                                    device=self.vision.device)["pixel_values_videos"][0]  # [T, 3, H, W]
+            pixels = [self._pixels_on_gpu(decoded, i) for i in chunks]
+            pixels = torch.cat(pixels) if len(pixels) > 1 else pixels[0]  # [T, 3, H, W]
             ready = torch.cuda.Event()
             ready.record(stream)
         return TowerJob(pixels, settings, key, ready=ready)
 
-    def _run_batch(self, jobs: list[TowerJob]) -> list[VisionOutput]:
-        """On the batch worker: the jobs' frames through the tower together; tokens back on the CPU."""
+    def _pixels_on_gpu(self, decoded: DecodedVideo, first: int) -> torch.Tensor:
+        """One chunk of frames, from `first` on, as pixels on the GPU [c, 3, H, W]: the frames as they
+        are, [c, H, W, 3], to the GPU in one copy from page-locked memory; the processor then makes
+        them channels-first there (given an array, it does that on the CPU: a strided copy of 200 MB
+        for 32 frames of 1080p, before a copy from pageable memory)."""
+        chunk = decoded.frames[first : first + self.settings.chunk_frames]
+        frames = torch.from_numpy(chunk).to(self.vision.device, non_blocking=True)
+        if decoded.hdr_transfer is not None:  # [c, H, W, 3] uint16 HDR -> uint8 SDR
+            frames = hdr.to_sdr(frames, decoded.hdr_transfer)
+        return self.processor(videos=[frames], return_tensors="pt", input_data_format="channels_last",
+                              device=self.vision.device)["pixel_values_videos"][0]
+
+    def _run_batch(self, jobs: list[TowerJob]) -> Generator[None, None, list[VisionOutput]]:
+        """On the batch worker, a chunk at a time: the jobs' frames through the tower together;
+        tokens back on the CPU."""
         for job in jobs:
             if job.ready is not None:
                 current = torch.cuda.current_stream(self.vision.device)
                 current.wait_event(job.ready)
                 job.pixels.record_stream(current)  # made on the job's stream, freed after use on this one
-        outputs = self.vision.encode_batch([(job.pixels, job.settings) for job in jobs])
+        outputs = yield from self.vision.encode_steps([(job.pixels, job.settings) for job in jobs])
         for output in outputs:
             output.tokens = output.tokens.cpu()
         return outputs

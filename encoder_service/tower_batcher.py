@@ -1,13 +1,17 @@
-"""Frames of concurrent requests batched through the vision tower by one device worker.
+"""Frames of concurrent requests through the vision tower by one device worker: batched, and
+interleaved a chunk at a time so that a short request never waits for a long one.
 
 Requests decode and preprocess on their own threads, then wait here. A single worker thread owns
-the device: whenever it is free it takes the oldest waiting request and the other waiting
-requests with the same layer schedule (`VisionEncoder.schedule`), up to `max_requests` requests
-and `max_frames` sampled frames in all, and runs them as one batch (`VisionEncoder.encode_batch`). Nothing waits for a
-batch to fill: a request that finds the device idle runs at once, alone. Frames never interact
-inside a SigLIP layer and EarlyTom's steps run per request, so a request's tokens do not depend
-on its batch; if a batch fails, each of its requests is retried alone, so that one request's
-failure is its own.
+the device. Between any two steps it takes the waiting requests into passes: the oldest waiting
+request and the other waiting requests with the same layer schedule (`VisionEncoder.schedule`), up
+to `max_requests` requests and `max_frames` sampled frames in all (a longer request is a pass of
+its own). Nothing waits for a batch to fill: a request that finds the device idle runs at once,
+alone. A pass runs as steps of at most one chunk of frames (`VisionEncoder.encode_steps`), and the
+worker always steps the pass with the fewest frames: a 32-frame request that arrives while a
+600-frame one is in the tower waits for the chunk in progress, then runs to its end, and the long
+one goes on after it. Frames never interact inside a SigLIP layer and EarlyTom's steps run per
+request, so a request's tokens depend neither on its batch nor on what ran between its chunks; if
+a batch fails, each of its requests is retried alone, so that one request's failure is its own.
 
 Batching gains little in the tower itself, whose matrix products are already efficient at one
 request's frames, and it costs end to end: the requests of a pass finish together and reach the
@@ -20,7 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Generator, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -47,9 +51,35 @@ class TowerJob:
         return self.pixels.shape[0]
 
 
+RunBatch = Callable[[list[TowerJob]], Generator[None, None, list[object]]]
+
+
+class _Pass:
+    """A batch of jobs on its way through the tower, a step at a time."""
+
+    def __init__(self, jobs: list[TowerJob], run_batch: RunBatch):
+        self.jobs = jobs
+        self.frames = sum(job.frames for job in jobs)
+        self.run_batch = run_batch
+        self.steps: Generator[None, None, list[object]] | None = None
+        self.started = 0.0
+
+    def step(self) -> list[object] | None:
+        """One step (the first starts the pass); the results once the pass is done, else None."""
+        if self.steps is None:
+            self.started = time.perf_counter()
+            self.steps = self.run_batch(self.jobs)
+        try:
+            next(self.steps)
+        except StopIteration as done:
+            return done.value
+        return None
+
+
 class TowerBatcher:
-    def __init__(self, run_batch: Callable[[list[TowerJob]], list[object]], max_frames: int, max_requests: int):
-        """run_batch: jobs of one key -> one result each, in order (runs on the worker thread)."""
+    def __init__(self, run_batch: RunBatch, max_frames: int, max_requests: int):
+        """run_batch: jobs of one key -> a generator that yields between steps and returns one result
+        per job, in order (it runs on the worker thread)."""
         self.run_batch = run_batch
         self.max_frames = max_frames
         self.max_requests = max_requests
@@ -61,9 +91,7 @@ class TowerBatcher:
         self._worker.start()
 
     def run(self, job: TowerJob) -> TowerJob:
-        """Queue the job and wait for its batch; raises what its encode raised."""
-        if job.frames > self.max_frames:
-            raise ValueError(f"{job.frames} frames exceed the batch limit of {self.max_frames}")
+        """Queue the job and wait for its pass; raises what its encode raised."""
         with self._wake:
             if self._closed:
                 raise RuntimeError("the encoder is shutting down")
@@ -82,14 +110,29 @@ class TowerBatcher:
         self._worker.join()
 
     def _loop(self) -> None:
+        passes: list[_Pass] = []  # in arrival order
         while True:
             with self._wake:
-                while not self._waiting and not self._closed:
+                while not self._waiting and not passes and not self._closed:
                     self._wake.wait()
-                if not self._waiting:
+                if not self._waiting and not passes:
                     return
-                batch = self._take()
-            self._run(batch)
+                while self._waiting:
+                    passes.append(_Pass(self._take(), self.run_batch))
+            current = min(passes, key=lambda p: p.frames)  # the fewest frames; of equals the oldest
+            try:
+                results = current.step()
+            except Exception as err:  # noqa: BLE001 - handed to the waiting request threads
+                passes.remove(current)
+                if len(current.jobs) > 1:
+                    passes.extend(_Pass([job], self.run_batch) for job in current.jobs)
+                else:
+                    current.jobs[0].error = err
+                    current.jobs[0].done.set()
+                continue
+            if results is not None:
+                passes.remove(current)
+                self._finish(current, results)
 
     def _take(self) -> list[TowerJob]:
         """The oldest job and the waiting jobs of its key that fit beside it, in arrival order."""
@@ -104,20 +147,10 @@ class TowerBatcher:
         self._waiting = others
         return batch
 
-    def _run(self, batch: list[TowerJob]) -> None:
-        started = time.perf_counter()
-        try:
-            results = self.run_batch(batch)
-        except Exception as err:  # noqa: BLE001 - handed to the waiting request threads
-            if len(batch) > 1:
-                for job in batch:
-                    self._run([job])
-                return
-            results, batch[0].error = [None], err
+    def _finish(self, done: _Pass, results: list[object]) -> None:
         self.batches_run += 1
-        frames = sum(job.frames for job in batch)
-        for job, result in zip(batch, results):
+        for job, result in zip(done.jobs, results):
             job.result = result
-            job.queue_ms = (started - job.submitted_at) * 1e3
-            job.batch_requests, job.batch_frames = len(batch), frames
+            job.queue_ms = (done.started - job.submitted_at) * 1e3
+            job.batch_requests, job.batch_frames = len(done.jobs), done.frames
             job.done.set()

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from encoder_service import hdr, orientation
+from encoder_service.decode_pool import POOL
 from encoder_service.demux import (UNSPECIFIED, ColorTags, Index, demux, header_of, index_of, open_container,
                                    video_stream)
 from encoder_service.errors import VideoError
@@ -46,9 +47,6 @@ from videollm.frame_sampling import FrameSampling
 
 
 _CORES = os.cpu_count() or 1
-# One pool for the decoding of every request: concurrent requests queue for the cores instead of
-# each starting its own threads (16 requests x runs x FFmpeg threads would oversubscribe them).
-_POOL = ThreadPoolExecutor(max_workers=_CORES, thread_name_prefix="decode")
 # The orientation probes, apart from the runs: a run's frames wait for their probe, and a probe
 # never waits for anything, so it cannot be stuck behind runs that wait for it.
 _PROBES = ThreadPoolExecutor(max_workers=_CORES, thread_name_prefix="orientation")
@@ -241,14 +239,14 @@ class _Frames:
 def _decode_selected(index: Index, indices: list[int], allocate: Allocate,
                      turn: Future[Orientation]) -> _Frames:
     """The frames at `indices`, decoded in parallel from the keyframes that precede them, each run
-    a task of the shared pool (FFmpeg releases the GIL while it decodes). The runs that feed the
-    most frames go first (from the keyframe to the last wanted frame), so that the longest does not
-    start last."""
+    a task of the shared pool (decode_pool.py: FFmpeg releases the GIL while it decodes, and the
+    pool takes the requests' runs in turn). The runs that feed the most frames go first (from the
+    keyframe to the last wanted frame), so that the longest does not start last."""
     runs = sorted(_runs(index, indices).items(), key=lambda run: run[1][-1] - run[0], reverse=True)
     threads = decoder_threads(len(runs))
     frames = _Frames(indices, allocate, turn)  # a lone run goes through the pool too, so the pool bounds every decode
-    for _ in _POOL.map(lambda run: frames.fill(_decode_from_clean_entry(index, *run, threads)), runs):
-        pass
+    POOL.run([lambda start=start, wanted=wanted: frames.fill(_decode_from_clean_entry(index, start, wanted, threads))
+              for start, wanted in runs])
     return frames
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -46,7 +47,7 @@ class EncodeTimings:
     preprocess_ms: float = 0.0  # resize + normalise
     vision_ms: float = 0.0  # vision tower
     projector_ms: float = 0.0  # projector + pooling
-    queue_ms: float = 0.0  # waiting for the device
+    queue_ms: float = 0.0  # waiting for room among the frames in flight, then for the device
     total_ms: float = 0.0
     stage1_ms: float = 0.0  # frame similarity, segmentation and fusion (inside vision_ms)
     importance_ms: float = 0.0  # attention received at the last prune layer (inside vision_ms)
@@ -96,13 +97,15 @@ def _layer_forward(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 class VisionEncoder:
-    def __init__(self, model_dir: Path, device: str, dtype: str):
+    def __init__(self, model_dir: Path, device: str, dtype: str, chunk_frames: int = 64):
+        """chunk_frames: the most frames any step of the tower takes at once (EncoderSettings.chunk_frames)."""
         from transformers import AutoModel
         from transformers.models.llava_onevision.modeling_llava_onevision import (
             LlavaOnevisionMultiModalProjector,
         )
 
         self.config = load_config(model_dir)
+        self.chunk_frames = chunk_frames
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
         layer = self.config.vision_feature_layer
@@ -240,14 +243,29 @@ class VisionEncoder:
         """pixel_values [T, 3, H, W] -> visual tokens [N, D_llm] (N = T*196 + 1 without compression)."""
         return self.encode_batch([(pixel_values, settings)])[0]
 
-    @torch.inference_mode()
     def encode_batch(self, requests: list[tuple[torch.Tensor, CompressionSettings]]) -> list[VisionOutput]:
         """Several requests' frames through the tower together: [(pixels [T_i, 3, H, W], settings)] ->
-        one VisionOutput each, the same as `encode` of each alone.
+        one VisionOutput each, the same as `encode` of each alone (`encode_steps` run to its end)."""
+        steps = self.encode_steps(requests)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    @torch.inference_mode()
+    def encode_steps(self, requests: list[tuple[torch.Tensor, CompressionSettings]]
+                     ) -> Generator[None, None, list[VisionOutput]]:
+        """`encode_batch` a chunk at a time: yields after each chunk of at most `chunk_frames` frames
+        has gone through a run of layers or the projector, so that the caller may run another
+        request's chunks in between (tower_batcher.py); returns the outputs.
 
         Every request must have the same `schedule`. Frames never interact inside a layer, so the
-        embeddings, the layers, the importance scores and the projector run on all frames at once;
-        EarlyTom's frame merging and token selection run per request between them.
+        embeddings, the layers, the importance scores and the projector run on all frames at once,
+        or in chunks of frames with the same result (a long video's activations then never exceed a
+        chunk's); EarlyTom's frame merging and token selection run per request between them, on
+        all of a request's frames. The timings are wall time, which includes the chunks of other
+        requests run in between.
         """
         schedule = self.schedule(requests[0][1])
         if any(self.schedule(settings) != schedule for _, settings in requests[1:]):
@@ -257,19 +275,27 @@ class VisionEncoder:
 
         start = time.perf_counter()
         pixels = _joined([p.to(self.device, self.dtype) for p, _ in requests])  # [sum T, 3, H, W]
-        parts = list(self.tower.embeddings(pixels).split([f.frames for f in flows]))  # [T_i, S, D_vision]
+        parts = list(self._in_chunks(self.tower.embeddings, pixels).split([f.frames for f in flows]))  # [T_i, S, D]
         layers = self.tower.encoder.layers
         for first, end in schedule.runs():
             live = [part.shape[0] for part in parts]
+            hidden = _joined(parts)  # [sum T'_i, S, D]
             if first == schedule.score_layer:
                 mark = time.perf_counter()
-                scores = self.importance(layers[first], _joined(parts)).split(live)  # [T'_i, S]
-                for flow, score in zip(flows, scores):
+                scores = self._in_chunks(lambda chunk: self.importance(layers[first], chunk), hidden)  # [sum T'_i, S]
+                for flow, score in zip(flows, scores.split(live)):
                     flow.scores = score
                 timings.importance_ms += (time.perf_counter() - mark) * 1e3
             for flow, count in zip(flows, live):
                 flow.layer_frames += [count] * (end - first)
-            parts = list(self.run_layers(first, end, parts).split(live))  # [T'_i, S, D]
+            # contiguous, however `hidden` is laid out: Stage I's reductions then run alike chunked or not
+            out = hidden.new_empty(hidden.shape)
+            for chunk in range(0, hidden.shape[0], self.chunk_frames):
+                rows = slice(chunk, chunk + self.chunk_frames)
+                # copied out at once: a graph's output is overwritten by the next replay, maybe another request's
+                out[rows] = self.run_layers(first, end, [hidden[rows]])
+                yield
+            parts = list(out.split(live))  # [T'_i, S, D]
             index = end - 1
             if index in schedule.prune:
                 mark = time.perf_counter()
@@ -288,7 +314,12 @@ class VisionEncoder:
 
         start = time.perf_counter()
         merged = [hidden.shape[0] for hidden in parts]
-        features = self.pool(self.projector(_joined(parts))).split(merged)  # [T'_i, 196, D_llm]
+        hidden = _joined(parts)
+        chunks = []
+        for chunk in range(0, hidden.shape[0], self.chunk_frames):
+            chunks.append(self.pool(self.projector(hidden[chunk : chunk + self.chunk_frames])))  # [<=c, 196, D_llm]
+            yield
+        features = _joined(chunks).split(merged)  # [T'_i, 196, D_llm]
         _synchronize(self.device)
         timings.projector_ms = (time.perf_counter() - start) * 1e3
 
@@ -300,6 +331,13 @@ class VisionEncoder:
         for output in outputs:
             output.timings = replace(timings)
         return outputs
+
+    def _in_chunks(self, run: Callable[[torch.Tensor], torch.Tensor], frames: torch.Tensor) -> torch.Tensor:
+        """run over frames [T, ...] in chunks of chunk_frames, joined: run(frames) for any per-frame
+        step, without the activations of more than a chunk at once."""
+        if frames.shape[0] <= self.chunk_frames:
+            return run(frames)
+        return torch.cat([run(frames[i : i + self.chunk_frames]) for i in range(0, frames.shape[0], self.chunk_frames)])
 
     def _select(self, flow: _Flow, features: torch.Tensor) -> VisionOutput:
         """Stage II for one request: features [T', 196, D_llm] -> its VisionOutput (tokens, trace)."""

@@ -80,7 +80,7 @@ class Recorder:
         self.entered, self.release = threading.Event(), threading.Event()
         self.fail_on = fail_on
 
-    def __call__(self, jobs: list[TowerJob]) -> list[int]:
+    def __call__(self, jobs: list[TowerJob]):
         if not self.batches:
             self.entered.set()
             self.release.wait(10)
@@ -88,6 +88,11 @@ class Recorder:
         self.batches.append(names)
         if self.fail_on in names:
             raise RuntimeError(f"job {self.fail_on} is bad")
+        return self._steps(names)
+
+    @staticmethod
+    def _steps(names: list[int]):
+        yield
         return [name * 10 for name in names]
 
 
@@ -122,9 +127,10 @@ def test_waiting_requests_of_one_key_share_a_batch_up_to_the_frame_limit():
     jobs = [job(0, 4), job(1, 4), job(2, 3, key="b"), job(3, 4), job(4, 2), job(5, 3, key="b")]
     results = run_all(batcher, recorder, jobs)
     assert results == [0, 10, 20, 30, 40, 50]
-    # job 0 alone (the device was idle); then the oldest waiting (1) with the jobs of its key that
-    # fit beside it in 10 frames (3 does, 4 would make 10 too: 4 + 4 + 2); then b's two together
-    assert recorder.batches == [[0], [1, 3, 4], [2, 5]]
+    # job 0 alone (the device was idle); then the waiting ones in passes: the oldest waiting (1) with
+    # the jobs of its key that fit beside it in 10 frames (4 + 4 + 2), and b's two together, which
+    # run first, having fewer frames
+    assert recorder.batches == [[0], [2, 5], [1, 3, 4]]
     assert [j.batch_requests for j in jobs] == [1, 3, 2, 3, 3, 2]
     assert [j.batch_frames for j in jobs] == [4, 10, 6, 10, 10, 6]
     assert batcher.batches_run == 3
@@ -136,7 +142,7 @@ def test_a_batch_holds_at_most_max_requests():
     batcher = TowerBatcher(recorder, max_frames=10, max_requests=2)
     jobs = [job(0, 4), job(1, 4), job(2, 3, key="b"), job(3, 4), job(4, 2), job(5, 3, key="b")]
     assert run_all(batcher, recorder, jobs) == [0, 10, 20, 30, 40, 50]
-    assert recorder.batches == [[0], [1, 3], [2, 5], [4]]
+    assert recorder.batches == [[0], [4], [2, 5], [1, 3]]  # the passes with fewer frames first
     batcher.close()
 
 
@@ -151,13 +157,39 @@ def test_a_failing_request_fails_alone_and_its_batch_mates_are_served():
     batcher.close()
 
 
+def test_a_short_request_waits_for_one_chunk_of_a_long_one_then_runs_to_its_end():
+    steps, short_waiting = [], threading.Event()
+
+    def run_batch(jobs):  # a step per frame; the long job's 6th step lasts until the short one waits
+        names = tuple(int(j.pixels[0, 0, 0, 0]) for j in jobs)
+        for step in range(sum(j.frames for j in jobs)):
+            steps.append(names)
+            if names == (0,) and step == 5:
+                assert short_waiting.wait(10)
+            yield
+        return [name * 10 for name in names]
+
+    batcher = TowerBatcher(run_batch, max_frames=8, max_requests=2)
+    long_job, short_job = job(0, 40), job(1, 3)  # the long one is more than a batch: a pass of its own
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(batcher.run, long_job)
+        while len(steps) < 6:
+            time.sleep(0.001)
+        short = pool.submit(batcher.run, short_job)
+        while short_job not in batcher._waiting:
+            time.sleep(0.001)
+        short_waiting.set()
+        assert short.result(timeout=10).result == 10 and first.result(timeout=10).result == 0
+    # the chunk in progress ends, the short one runs to its end, then the long one goes on
+    assert steps == [(0,)] * 6 + [(1,)] * 3 + [(0,)] * 34
+    batcher.close()
+
+
 def test_a_closed_batcher_refuses_new_requests_with_a_clear_error():
-    batcher = TowerBatcher(lambda jobs: [None] * len(jobs), max_frames=8, max_requests=2)
+    batcher = TowerBatcher(lambda jobs: iter(()), max_frames=8, max_requests=2)
     batcher.close()
     with pytest.raises(RuntimeError, match="shutting down"):
         batcher.run(job(0, 1))
-    with pytest.raises(ValueError, match="exceed the batch limit of 8"):
-        TowerBatcher(lambda jobs: [], max_frames=8, max_requests=2).run(job(0, 9))
 
 
 # -- through the real encoder service ------------------------------------------------------------
@@ -234,9 +266,10 @@ def test_concurrent_encode_calls_get_their_own_tokens_batched_or_not(batching, b
         assert header.compression == header_alone.compression
 
 
-def test_a_pass_limit_below_max_frames_is_refused_only_when_batching(tiny_model_dir):
-    with pytest.raises(ValueError, match="batch_max_frames \\(32\\) must be at least max_frames \\(64\\)"):
-        EncoderEngine(EncoderSettings(model=tiny_model_dir, max_frames=64, batch_max_frames=32, batch_max_requests=2))
-    engine = EncoderEngine(EncoderSettings(model=tiny_model_dir, max_frames=64, batch_max_frames=32))
-    assert engine.batcher.max_frames == 64 and engine.batcher.max_requests == 1
+def test_frames_in_flight_below_max_frames_are_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match="max_frames_in_flight \\(32\\) must be at least max_frames \\(64\\)"):
+        EncoderSettings(model=tiny_model_dir, max_frames=64, max_frames_in_flight=32)
+    engine = EncoderEngine(EncoderSettings(model=tiny_model_dir, max_frames=64, batch_max_frames=32,
+                                           batch_max_requests=2))  # a longer request runs alone
+    assert engine.batcher.max_frames == 32 and engine.batcher.max_requests == 2
     engine.close()
