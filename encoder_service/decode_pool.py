@@ -27,6 +27,7 @@ class _Request:
 
 class DecodePool:
     def __init__(self, workers: int):
+        self.workers = workers
         self._turns: deque[_Request] = deque()  # requests with tasks not yet started, in turn order
         self._wake = threading.Condition()
         for number in range(workers):

@@ -165,7 +165,7 @@ def test_concurrent_requests_share_one_bounded_decode_pool(monkeypatch):
     videos = [encode(moving_frames(60, 96, 64, seed=seed), "mp4", options=options) for seed in range(6)]
     with ThreadPoolExecutor(len(videos)) as requests:
         decoded = list(requests.map(lambda video: decode_video(video, 16, LIMITS), videos))
-    assert 1 <= peak <= video_decode._POOL._max_workers
+    assert 1 <= peak <= video_decode.POOL.workers
     for video, result in zip(videos, decoded):
         reference = _every_frame(video)
         assert all(np.array_equal(got, reference[i]) for got, i in zip(result.frames, result.frame_indices))
