@@ -112,17 +112,19 @@ def test_frames_beyond_the_limit_wait_for_room():
 
 def test_a_short_request_does_not_wait_for_every_run_of_a_long_one():
     pool = DecodePool(1)
-    order, gate = [], threading.Event()
+    order, running, gate = [], threading.Event(), threading.Event()
 
     def task(name):
         def run():
             if name == "long-0":
+                running.set()
                 assert gate.wait(5)  # the long request holds the worker while the short one arrives
             order.append(name)
         return run
 
     long_done = threading.Thread(target=pool.run, args=([task(f"long-{i}") for i in range(20)],))
     long_done.start()
+    assert running.wait(5)
     short_done = threading.Thread(target=pool.run, args=([task("short-0"), task("short-1")],))
     short_done.start()
     deadline = time.monotonic() + 5
