@@ -1,19 +1,22 @@
-"""gRPC edge of the encoder: EncodeRequest -> engine -> header + raw token chunks."""
+"""gRPC edge of the encoder: EncodeInput stream (request, then the video's chunks when it travels)
+-> engine -> header + raw token chunks. How the video arrives is video_input.py's job."""
 
 from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import grpc
 
 from encoder_service.engine import EncoderEngine, EncodeResult, Overloaded
 from encoder_service.pull_store import PullStore
 from encoder_service.video_decode import VideoError
+from encoder_service.video_input import InputError, VideoInputs
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, tensor_pb2
-from videollm import pull_files, tensors, transport
+from videollm import tensors, transport
 from videollm.checkpoint import peak_memory_bytes
-from videollm.grpc_server import MiB, run_until_signalled, start_service
+from videollm.grpc_server import run_until_signalled, start_service
 from videollm.frame_sampling import SamplingError
 from videollm.proto_mapping import compression_from_proto, compression_to_proto, sampling_from_proto, sampling_to_proto
 from videollm.settings import EncoderSettings, public_settings
@@ -78,34 +81,34 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         self.engine = engine
         self.pulls = PullStore(engine.settings.pull_buffer_bytes, engine.settings.pull_ttl_s,
                                engine.settings.pull_shm_path())
+        settings = engine.settings
+        self.inputs = VideoInputs(settings.max_video_bytes, self.pulls.shm_dir,
+                                  Path(settings.video_store_dir) if settings.video_store_dir else None)
         self.videos_taken = 0
         self._taken_lock = threading.Lock()
 
-    def _video(self, request: encoder_pb2.EncodeRequest, context: grpc.ServicerContext):
-        """The request's video: its bytes, or the file a sender on this host left in shared memory."""
-        if not request.video_ticket:
-            return request.video
-        if request.video_size > self.engine.settings.max_video_bytes:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the video is {request.video_size} bytes; the limit "
-                                                            f"is {self.engine.settings.max_video_bytes} bytes")
+    def _video(self, first: encoder_pb2.EncodeInput, rest, context: grpc.ServicerContext):
+        """The call's video: bytes, or a file mapped (one a sender on this host left, a stored upload,
+        or the chunks that followed the request, written down)."""
         try:
-            video = (pull_files.take(self.pulls.shm_dir, request.video_ticket, request.video_size,
-                                     pull_files.VIDEO_PREFIX) if self.pulls.shm_dir is not None else None)
-        except pull_files.PullFileError as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        if video is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "no video file under this ticket in this encoder's shared memory (another host, or "
-                          "pull_shm_dir is off); send the video's bytes instead")
-        with self._taken_lock:
-            self.videos_taken += 1
-        return video
+            received = self.inputs.receive(first, rest)
+        except InputError as err:
+            context.abort(err.code, str(err))
+        if received.taken:
+            with self._taken_lock:
+                self.videos_taken += 1
+        return received.data
 
-    def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.ServicerContext):
+    def Encode(self, inputs, context: grpc.ServicerContext):
+        first = next(inputs, None)
+        if not isinstance(first, encoder_pb2.EncodeInput) or first.WhichOneof("item") != "request":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an Encode call starts with its request (EncodeInput."
+                                                            "request); the video's chunks follow it")
+        request = first.request
         try:
             compression = compression_from_proto(request.compression, self.engine.settings.compression)
             sampling = sampling_from_proto(request.sampling)
-            video = self._video(request, context)
+            video = self._video(first, inputs, context)  # after the settings: a bad one is refused before the video
             result = self.engine.encode(video, sampling, compression, request.max_visual_tokens)
         except SamplingError as err:
             context.set_trailing_metadata(((transport.PARAM_METADATA, err.param),))  # the REST field at fault
@@ -155,7 +158,8 @@ def start(settings: EncoderSettings, engine: EncoderEngine | None = None, servic
     """Start serving on settings.host:settings.port; returns (server, health, port)."""
     servicer = servicer or EncoderServicer(engine or EncoderEngine(settings))
     engine = servicer.engine
-    return start_service(settings, settings.max_video_bytes + MiB,
+    # no message holds a whole video (it comes in chunks), so gRPC's default message limit is enough
+    return start_service(settings, transport.ENCODE_MAX_MESSAGE_BYTES,
                          lambda server: transport.add_encoder_servicer(servicer, server),
                          SERVICE_NAME, "encoder", engine.model_id)
 

@@ -4,8 +4,8 @@ A chat completion's path, top to bottom: auth.py (with `api_keys` set, a 401 bef
 read) -> limits.py (the body's size) -> schemas.py (the body's shape) -> chat.py (the route) ->
 openai_format.py (REST -> ChatRequest) -> pipeline.py (resolve, cache, encode, generate) -> chat.py
 and openai_format.py (the answer, whole or streamed). Every error leaves in OpenAI's shape with a
-fitting status code (errors.py). The other routes are in routes.py; what the app holds while it
-runs, in runtime.py.
+fitting status code (errors.py). The other routes are in routes.py (uploads streamed to the video
+store: uploads.py, video_store.py); what the app holds while it runs, in runtime.py.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app = FastAPI(title="videollm", version="1.0", summary="Video question answering, OpenAI-compatible",
                   lifespan=lifespan)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, upload_path=routes.UPLOAD_PATH,
+                       max_upload_body_bytes=settings.max_upload_body_bytes, max_upload_bytes=settings.max_upload_bytes)
     if settings.api_keys:  # added last = outermost: a 401 goes out before the body is read or size-checked
         app.add_middleware(APIKeyAuth, keys=settings.api_keys)
         log.info("API keys required on every route but /health, /ready and /metrics (%d configured)",

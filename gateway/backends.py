@@ -38,6 +38,7 @@ class Replica:
     down_until: float = 0.0
     order: int = 0
     takes_video_files: bool | None = None  # an encoder on this host? None until its first Encode says
+    shares_video_store: bool | None = None  # an encoder that sees our video store? None until it says
 
     async def serving(self, timeout_s: float = 1.0) -> bool:
         try:

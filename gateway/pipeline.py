@@ -20,10 +20,12 @@ import grpc
 
 from gateway.backends import PrefixHolders, Replica, ReplicaPool
 from gateway.cache import EncodedVideo, SingleFlight, TokenCache
+from gateway.encode_call import EncodeCalls
 from gateway.errors import APIError, from_grpc
 from gateway.relay import GenerateRequests, VisualSource, generate_setup
 from gateway.requests import ChatRequest, EncodeJob, Outcome, VideoRequest, fitting_advice
 from gateway.video_handoff import VideoHandoff
+from gateway.video_store import StoredVideo
 from protos.videollm.v1 import encoder_pb2, llm_pb2
 from videollm.settings import GatewaySettings
 from videollm.transport import VISUAL_FIT_METADATA
@@ -39,6 +41,7 @@ class Pipeline:
         self.prefix_holders = PrefixHolders()
         self._encoder_info: encoder_pb2.EncoderInfo | None = None
         self.video_handoff = VideoHandoff.at(settings.pull_shm_dir, stale_after_s=settings.request_timeout_s)
+        self.encode_calls = EncodeCalls(self.video_handoff)
 
     async def start(self, request: ChatRequest, outcome: Outcome) -> AsyncIterator[llm_pb2.GenerateResponse]:
         """Send the request to an LLM and wait for its first response; return the response stream.
@@ -86,10 +89,9 @@ class Pipeline:
         if waiting is not None:  # someone is encoding the same video with the same settings
             return VisualSource.in_memory(key, await asyncio.shield(waiting))
         try:
-            video = await job.video.read()  # an uploaded video's bytes are read only now, for a miss
             outcome.encode_called_at = time.perf_counter()
             offer_pull = self.settings.direct_pull and self.settings.grpc_tls_ca is None
-            call, header, address = await self._open_encode(job, video, timeout_s, offer_pull)
+            call, header, address = await self._open_encode(job, timeout_s, offer_pull)
             outcome.encode_header_at = time.perf_counter()
         except BaseException as err:
             self.single_flight.finish(key, error=err)
@@ -105,7 +107,7 @@ class Pipeline:
         if cached is not None:
             return cached
         outcome.cache = "miss"
-        call, fresh, address = await self._open_encode(job, await job.video.read(), timeout_s)
+        call, fresh, address = await self._open_encode(job, timeout_s)
         if list(fresh.tensor.shape) != list(header.tensor.shape) or fresh.tensor.dtype != header.tensor.dtype:
             call.cancel()
             raise APIError(503, "the video's cached tokens changed while the request was routed; retry",
@@ -114,47 +116,31 @@ class Pipeline:
         self.cache.put_when_verified(job.key, source.encoded)
         return await source.encoded
 
-    async def _open_encode(self, job: EncodeJob, video: bytes, timeout_s: float, offer_pull: bool = False):
-        """Start Encode of `video` on some replica and return (call, header, its address); retries another
-        replica when one is down."""
+    async def _open_encode(self, job: EncodeJob, timeout_s: float, offer_pull: bool = False):
+        """Start Encode of the job's video on some replica and return (call, header, its address); retries
+        another replica when one is down. An uploaded video's file is opened only now, for a miss (404
+        when it is gone), and closed once the encoder has it (the call's header)."""
         message = job.message(offer_pull)
-        for replica in self.encoders.candidates():
-            try:
-                with self.encoders.use(replica):
-                    call, first = await self._encode_on(replica, message, video, timeout_s)
-            except grpc.aio.AioRpcError as err:
-                if err.code() == grpc.StatusCode.UNAVAILABLE:
-                    self.encoders.skipping(replica)
-                    continue
-                raise from_grpc(err, "encoder") from err
-            if first is grpc.aio.EOF or first.WhichOneof("item") != "header":
-                raise APIError(502, "the encoder sent no header", "api_error", code="backend_error")
-            return call, first.header, replica.address
+        async with job.video.opened() as video:
+            for replica in self.encoders.candidates():
+                try:
+                    with self.encoders.use(replica):
+                        call, first = await self._encode_on(replica, message, video, timeout_s)
+                except grpc.aio.AioRpcError as err:
+                    if err.code() == grpc.StatusCode.UNAVAILABLE:
+                        self.encoders.skipping(replica)
+                        continue
+                    raise from_grpc(err, "encoder") from err
+                if first is grpc.aio.EOF or first.WhichOneof("item") != "header":
+                    raise APIError(502, "the encoder sent no header", "api_error", code="backend_error")
+                return call, first.header, replica.address
         raise self.encoders.none_available()
 
-    async def _encode_on(self, replica: Replica, message: encoder_pb2.EncodeRequest, video: bytes, timeout_s: float):
-        """Encode on one replica: (call, its first response). The video goes as a file in shared memory
-        unless this replica said it cannot take one (another host), then as bytes."""
-        if self.video_handoff is not None and replica.takes_video_files is not False:
-            ticket = await self.video_handoff.leave(video)
-            if ticket is not None:
-                try:
-                    by_file = encoder_pb2.EncodeRequest(video_ticket=ticket, video_size=len(video))
-                    by_file.MergeFrom(message)
-                    call = replica.stub.Encode(by_file, timeout=timeout_s)
-                    first = await call.read()
-                    replica.takes_video_files = True
-                    return call, first
-                except grpc.aio.AioRpcError as err:
-                    if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                        raise
-                    replica.takes_video_files = False  # learnt once: it does not share our shared memory
-                finally:
-                    self.video_handoff.discard(ticket)
-        with_bytes = encoder_pb2.EncodeRequest(video=video)
-        with_bytes.MergeFrom(message)
-        call = replica.stub.Encode(with_bytes, timeout=timeout_s)
-        return call, await call.read()
+    async def _encode_on(self, replica: Replica, message: encoder_pb2.EncodeRequest, video: bytes | StoredVideo,
+                         timeout_s: float):
+        """Encode on one replica: (call, its first response). The video goes by file when this replica
+        can take it (the video store, shared memory), else in chunks: encode_call.py."""
+        return await self.encode_calls.start(replica, message, video, timeout_s)
 
     # -- 3. the LLM -----------------------------------------------------------------------------
 

@@ -5,37 +5,32 @@ from __future__ import annotations
 import asyncio
 import time
 
-from fastapi import APIRouter, File, Request, UploadFile
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.errors import bad_request
+from gateway import uploads
 from gateway.runtime import Runtime
-from gateway.videos import Video, probe_video, too_large
 from protos.videollm.v1 import encoder_pb2, llm_pb2
 from videollm.settings import public_settings
 
 router = APIRouter()
+UPLOAD_PATH = "/v1/videos"
 
 
 def runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-@router.post("/v1/videos")
-async def upload_video(request: Request, file: UploadFile = File(..., description="the video file")):
+@router.post(UPLOAD_PATH, openapi_extra=uploads.OPENAPI)
+async def upload_video(request: Request):
+    """Store a video (multipart field `file`) under its id, `video-<sha256>`, for questions by id."""
     rt = runtime(request)
-    data = await file.read()
-    if len(data) > rt.settings.max_upload_bytes:
-        raise too_large(len(data), rt.settings.max_upload_bytes)
-    if not data:
-        raise bad_request("the uploaded file is empty", "file")
-    await asyncio.to_thread(probe_video, data)
-    video = Video.of(data)
-    await rt.uploads.put(video)
-    rt.metrics.requests.labels("/v1/videos", "200").inc()
-    return {"id": video.id, "object": "video", "bytes": len(data), "sha256": video.sha256,
-            "filename": file.filename, "created_at": int(time.time())}
+    upload = await uploads.store_upload(request, rt.video_store, rt.settings.max_upload_bytes)
+    rt.metrics.requests.labels(UPLOAD_PATH, "200").inc()
+    created = int(time.time())
+    return {"id": upload.id, "object": "video", "bytes": upload.size, "sha256": upload.sha256,
+            "filename": upload.filename, "created_at": created, "expires_at": created + rt.settings.upload_ttl_s}
 
 
 @router.get("/v1/models")

@@ -1,9 +1,12 @@
-"""What the gateway holds while it runs (the app's `state.runtime`): Redis, the uploads, the replica
-pools, the pipeline, and the count of chat completions in progress."""
+"""What the gateway holds while it runs (the app's `state.runtime`): Redis, the video store (and
+its expiry sweep), the replica pools, the pipeline, and the count of chat completions in progress."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from pathlib import Path
 
 from gateway.backends import ReplicaPool
 from gateway.cache import RedisStore, TokenCache
@@ -11,31 +14,36 @@ from gateway.errors import APIError
 from gateway.fetch import FetchPolicy
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline
-from gateway.videos import UploadStore, VideoSources
-from protos.videollm.v1 import encoder_pb2_grpc
+from gateway.video_store import VideoStore
+from gateway.videos import VideoSources
 from videollm import transport
 from videollm.settings import MiB, GatewaySettings
 
 log = logging.getLogger(__name__)
+
+SWEEP_EVERY_S = 600.0  # how often expired uploads are deleted (a reader already treats them as gone)
 
 
 class Runtime:
     def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics):
         self.settings = settings
         self.metrics = metrics
-        self.fetch_policy = FetchPolicy.parse(settings.fetch_urls, settings.max_upload_bytes, settings.fetch_timeout_s,
+        # a fetched video is held in memory, like an inline one
+        self.fetch_policy = FetchPolicy.parse(settings.fetch_urls, settings.max_inline_bytes, settings.fetch_timeout_s,
                                               settings.fetch_allow)
+        self.video_store = VideoStore(Path(settings.video_store_dir), settings.upload_ttl_s)  # fails early if unusable
         self.in_flight = 0  # chat completions in progress
+        self._sweeping: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Connect; gRPC aio channels and the Redis client belong to the server's event loop."""
         settings = self.settings
         self.store = RedisStore(settings.redis_url)
-        self.uploads = UploadStore(self.store, settings.upload_ttl_s)
-        self.videos = VideoSources(self.uploads, self.fetch_policy, settings.max_upload_bytes)
+        self.videos = VideoSources(self.video_store, self.fetch_policy, settings.max_inline_bytes)
+        self._sweeping = asyncio.create_task(self.video_store.sweep_every(min(SWEEP_EVERY_S, settings.upload_ttl_s)))
         tls = ReplicaPool.credentials(settings.grpc_tls_ca, settings.grpc_tls_cert, settings.grpc_tls_key)
-        self.encoders = ReplicaPool.connect("encoder", settings.encoders, encoder_pb2_grpc.EncoderStub,
-                                            settings.max_upload_bytes + MiB, tls)
+        # videos go to encoders in chunks (or by file), tokens come back in chunks: no message is large
+        self.encoders = ReplicaPool.connect("encoder", settings.encoders, transport.encoder_stub, 16 * MiB, tls)
         self.llms = ReplicaPool.connect("LLM", settings.llms, transport.llm_stub, 16 * MiB, tls)
         cache = TokenCache(self.store, settings.cache_ttl_s, settings.cache_max_entry_bytes)
         self.pipeline = Pipeline(settings, self.encoders, self.llms, cache)
@@ -43,6 +51,10 @@ class Runtime:
             log.warning("starting without the cache: Redis at %s is unreachable", settings.redis_url)
 
     async def close(self) -> None:
+        if self._sweeping is not None:
+            self._sweeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeping
         await self.pipeline.close()
         await self.encoders.close()
         await self.llms.close()

@@ -4,8 +4,10 @@ A 61 MB video took 300-370 ms to cross gRPC on the 2-core CPU (serialising the r
 100 ms); its file in /dev/shm is written in about 20 ms and the encoder maps it without a copy.
 The gateway leaves the file under a one-time ticket and names it in the EncodeRequest; an encoder
 on another host (or with the hand-off off) answers FAILED_PRECONDITION, and the gateway sends the
-bytes instead and remembers, per replica, not to try again. videollm/pull_files.py has the file
-protocol (0600 files, taken by an atomic rename, so exactly one party removes each).
+bytes instead, in chunks, and remembers, per replica, not to try again (encode_call.py). Uploaded
+videos do not come here: they are files already, in the video store (video_store.py).
+videollm/pull_files.py has the file protocol (0600 files, taken by an atomic rename, so exactly one
+party removes each).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ rather than skipping tests.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -35,6 +36,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def video_store_dir(tmp_path_factory) -> Path:
+    """The video store of every gateway and encoder the tests start (in this process or as children),
+    instead of the default under the user's cache directory: one directory, as on one host."""
+    directory = tmp_path_factory.mktemp("video-store")
+    saved = {name: os.environ.get(name) for name in STORE_VARIABLES}
+    os.environ.update(dict.fromkeys(STORE_VARIABLES, str(directory)))
+    yield directory
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+STORE_VARIABLES = ("VIDEOLLM_GATEWAY_VIDEO_STORE_DIR", "VIDEOLLM_ENCODER_VIDEO_STORE_DIR")
 
 
 @pytest.fixture(scope="session")
@@ -151,7 +170,7 @@ def gateway_settings(encoders: list[str], llms: list[str], redis_url: str | None
 def stack_gateway(encoder_service, llm_service, redis_server) -> GatewayServer:
     """A gateway in front of the session's encoder, LLM and Redis (a `with` block runs it)."""
     return GatewayServer(gateway_settings([encoder_service.address], [llm_service.address], redis_server.url,
-                                          max_upload_bytes=8 << 20))
+                                          max_upload_bytes=8 << 20, max_inline_bytes=8 << 20))
 
 
 @pytest.fixture(scope="session")

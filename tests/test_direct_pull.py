@@ -20,7 +20,7 @@ from llm_service.pull import EncoderPuller
 from llm_service.server import start as start_llm
 from helpers import data_url, video_chat
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, llm_pb2, llm_pb2_grpc, tensor_pb2
-from videollm import pull_files
+from videollm import pull_files, transport
 from videollm.settings import EncoderSettings, LLMSettings
 from videos import make_video
 
@@ -119,13 +119,12 @@ def test_a_failed_pull_falls_back_to_the_gateway(forgetful_encoder, llm_service,
 def test_a_ticket_is_taken_once_and_unknown_tickets_are_not_found(encoder_service):
     with grpc.insecure_channel(encoder_service.address, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
         stub = encoder_pb2_grpc.EncoderStub(ch)
-        unoffered = list(stub.Encode(encoder_pb2.EncodeRequest(video=make_video("mp4", seed=503),
-                                                               sampling=encoder_pb2.FrameSampling(num_frames=2)),
-                                     timeout=60))
+        video = make_video("mp4", seed=503)
+        unoffered = list(stub.Encode(transport.encode_inputs(encoder_pb2.EncodeRequest(
+            sampling=encoder_pb2.FrameSampling(num_frames=2)), video), timeout=60))
         assert not unoffered[0].header.pull_ticket  # nothing kept unless asked
-        responses = list(stub.Encode(encoder_pb2.EncodeRequest(video=make_video("mp4", seed=503), offer_pull=True,
-                                                               sampling=encoder_pb2.FrameSampling(num_frames=2)),
-                                     timeout=60))
+        responses = list(stub.Encode(transport.encode_inputs(encoder_pb2.EncodeRequest(
+            offer_pull=True, sampling=encoder_pb2.FrameSampling(num_frames=2)), video), timeout=60))
         header = responses[0].header
         assert header.pull_ticket
         pulled = b"".join(r.chunk.data for r in stub.Pull(encoder_pb2.PullRequest(ticket=header.pull_ticket),

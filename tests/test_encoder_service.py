@@ -7,6 +7,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc
+from videollm import transport
 from videos import make_video
 
 
@@ -17,9 +18,9 @@ def stub(encoder_service):
 
 
 def encode(stub, video: bytes, frames: int = 4, method: str = "none"):
-    return list(stub.Encode(encoder_pb2.EncodeRequest(
-        video=video, sampling=encoder_pb2.FrameSampling(num_frames=frames),
-        compression=encoder_pb2.Compression(method=method))))
+    return list(stub.Encode(transport.encode_inputs(encoder_pb2.EncodeRequest(
+        sampling=encoder_pb2.FrameSampling(num_frames=frames), compression=encoder_pb2.Compression(method=method)),
+        video)))
 
 
 @pytest.mark.parametrize(

@@ -70,7 +70,7 @@ def ask(gateway_url: str, video_url: str) -> httpx.Response:
 def fetching_gateway(encoder_service, llm_service, redis_server):
     settings = gateway_settings([encoder_service.address], [llm_service.address], redis_server.url,
                                 fetch_urls=True, fetch_allow=["127.0.0.0/8"], fetch_timeout_s=1.5,
-                                max_upload_bytes=8 << 20)
+                                max_inline_bytes=8 << 20)  # a fetched video is held in memory, as an inline one
     with GatewayServer(settings) as server:
         yield server
 

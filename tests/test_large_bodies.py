@@ -1,8 +1,9 @@
 """Large videos through the gateway: inline data URLs parsed from the body's bytes (gateway/body.py)
 and questions by uploaded id that read the video only for a miss (gateway/videos.py).
 
-The id tests use a second gateway on the same Redis: it knows the uploads only from Redis (an
-upload sits in the memory of the gateway that took it), so what it reads, Redis shows.
+The id tests ask a second gateway replica about videos uploaded to the first: the replicas share the
+video store (the session's store directory), as replicas on a shared volume do, so what the second
+one reads, the store's files show.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import base64
 import hashlib
 import json
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -19,7 +21,7 @@ import pytest
 from conftest import stack_gateway
 from gateway.body import parse_chat_body
 from gateway.schemas import ChatCompletionRequest
-from helpers import data_url, encoder_calls, video_chat
+from helpers import data_url, video_chat
 from videos import encode, make_video
 
 TIMEOUT = 120
@@ -54,8 +56,8 @@ def upload(gateway, data: bytes) -> str:
     return response.json()["id"]
 
 
-def stored_key(video_id: str) -> str:
-    return f"videollm:v1:video:{video_id}"
+def stored_file(gateway, video_id: str) -> Path:
+    return Path(gateway.settings.video_store_dir) / video_id
 
 
 def token_keys(redis_client, count: int) -> list[bytes]:
@@ -84,7 +86,7 @@ def test_a_repeat_question_by_id_is_a_hit_that_does_not_read_the_video(gateway, 
     assert first.status_code == 200, first.text
     assert first.headers["x-videollm-cache"] == "miss"
     assert len(token_keys(clean_redis, 1)) == 1
-    assert clean_redis.delete(stored_key(video_id)) == 1  # the upload is gone; its tokens are cached
+    stored_file(gateway, video_id).unlink()  # the upload is gone; its tokens are cached
 
     again = chat(other_gateway, question(video_id))
     assert again.status_code == 200, again.text
@@ -97,18 +99,15 @@ def test_a_repeat_question_by_id_is_a_hit_that_does_not_read_the_video(gateway, 
     assert len(clean_redis.keys(TOKEN_KEYS)) == 1
 
 
-def test_a_damaged_stored_video_is_deleted_and_never_encoded(gateway, other_gateway, encoder_service, clean_redis,
-                                                             clip):
+def test_a_damaged_stored_video_is_deleted_and_its_tokens_never_used(gateway, other_gateway, clean_redis, clip):
     video_id = upload(gateway, clip)
     damaged = bytearray(clip)
     damaged[len(damaged) // 2] ^= 0xFF
-    clean_redis.set(stored_key(video_id), bytes(damaged))
-    before = encoder_calls(encoder_service)
+    stored_file(gateway, video_id).write_bytes(damaged)
 
     response = chat(other_gateway, question(video_id))
     assert_error(response, 404, "video_not_found", video_id, "damaged", "upload it again")
-    assert clean_redis.exists(stored_key(video_id)) == 0
-    assert encoder_calls(encoder_service) == before
+    assert not stored_file(gateway, video_id).exists()
     assert clean_redis.keys(TOKEN_KEYS) == []
 
     assert upload(gateway, clip) == video_id  # uploaded again: served
@@ -122,13 +121,13 @@ def test_a_damaged_stored_video_does_not_stop_hits_on_its_cached_tokens(gateway,
     first = chat(other_gateway, question(video_id))
     assert first.status_code == 200, first.text
     token_keys(clean_redis, 1)
-    clean_redis.set(stored_key(video_id), b"not the video any more")
+    stored_file(gateway, video_id).write_bytes(b"not the video any more")
 
     hit = chat(other_gateway, question(video_id))
     assert hit.status_code == 200, hit.text
     assert hit.headers["x-videollm-cache"] == "hit"
     assert_error(chat(other_gateway, question(video_id, frames=5)), 404, "video_not_found", "damaged")
-    assert clean_redis.exists(stored_key(video_id)) == 0
+    assert not stored_file(gateway, video_id).exists()
     assert len(clean_redis.keys(TOKEN_KEYS)) == 1  # the damaged bytes left no tokens
 
 

@@ -15,6 +15,7 @@ import torch
 from encoder_service.video_decode import decode_video
 from helpers import assemble, data_url, video_chat
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc
+from videollm import transport
 from videollm.proto_mapping import compression_to_proto
 from videollm.settings import CompressionSettings
 from videos import make_video
@@ -41,10 +42,9 @@ def encode_over_grpc(
     address: str, video: bytes, frames: int, compression: CompressionSettings = NO_COMPRESSION
 ) -> tuple[encoder_pb2.EncodeHeader, torch.Tensor]:
     with grpc.insecure_channel(address) as channel:
-        responses = encoder_pb2_grpc.EncoderStub(channel).Encode(
-            encoder_pb2.EncodeRequest(video=video, sampling=encoder_pb2.FrameSampling(num_frames=frames),
-                                      compression=compression_to_proto(compression))
-        )
+        responses = encoder_pb2_grpc.EncoderStub(channel).Encode(transport.encode_inputs(
+            encoder_pb2.EncodeRequest(sampling=encoder_pb2.FrameSampling(num_frames=frames),
+                                      compression=compression_to_proto(compression)), video))
         header = next(responses).header
         tokens = assemble(header.tensor, (r.chunk.data for r in responses), max_bytes=1 << 30)
     return header, tokens

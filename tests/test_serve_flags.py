@@ -31,13 +31,16 @@ def non_default_values(tiny_model_dir: Path, redis_url: str, shm_dir: Path) -> d
         # gateway
         "host": "127.0.0.2", "port": free_port(), "model_name": "my-video-model", "api_keys": ["key-one"],
         "redis_url": redis_url, "cache_ttl_s": 1234, "cache_max_entry_bytes": 12_345_678, "upload_ttl_s": 4321,
-        "max_upload_bytes": 5_000_000, "request_timeout_s": 123.0, "max_in_flight": 7,
+        "max_upload_bytes": 5_000_000, "max_inline_bytes": 3_000_000, "request_timeout_s": 123.0, "max_in_flight": 7,
         "direct_pull": False, "fetch_urls": True, "fetch_timeout_s": 12.0, "fetch_allow": ["10.1.2.0/24"],
         # encoder and LLM
         "model": str(tiny_model_dir), "device": "cpu:0", "dtype": "float32", "max_concurrent": 5,
         "pull_shm_dir": str(shm_dir),
+        # gateway and encoder
+        "video_store_dir": str(shm_dir / "videos"),
         # encoder
-        "default_frames": 6, "max_frames": 24, "batch_max_requests": 2, "batch_max_frames": 48, "max_video_bytes": 4_000_000,
+        "default_frames": 6, "max_frames": 24, "chunk_frames": 16, "max_frames_in_flight": 48,
+        "batch_max_requests": 2, "batch_max_frames": 48, "max_video_bytes": 4_000_000,
         "max_duration_s": 600.0, "max_frame_pixels": 1920 * 1080, "pull_buffer_bytes": 64 << 20, "pull_ttl_s": 10.0,
         "compression__method": "none", "compression__retain_ratio": 0.3, "compression__tau": 0.4,
         "compression__max_window": 5, "compression__ema": 0.8, "compression__prune_layers": [4, 12],
@@ -50,7 +53,8 @@ def non_default_values(tiny_model_dir: Path, redis_url: str, shm_dir: Path) -> d
 
 # the settings that several services own: each of them gets the flag's value
 SHARED = {"model": ("encoder", "llm"), "device": ("encoder", "llm"), "dtype": ("encoder", "llm"),
-          "max_concurrent": ("encoder", "llm"), "pull_shm_dir": ("gateway", "encoder", "llm")}
+          "max_concurrent": ("encoder", "llm"), "pull_shm_dir": ("gateway", "encoder", "llm"),
+          "video_store_dir": ("gateway", "encoder")}
 
 
 def as_argv(flag, value) -> list[str]:

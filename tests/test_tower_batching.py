@@ -17,6 +17,7 @@ from encoder_service.engine import EncoderEngine
 from encoder_service.server import start as start_encoder
 from encoder_service.tower_batcher import TowerBatcher, TowerJob
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc
+from videollm import transport
 from videollm.settings import CompressionSettings, EncoderSettings
 from videos import make_video, moving_frames, scene_cut_frames
 
@@ -210,8 +211,8 @@ FRAMES = [4, 6, 3, 5]
 
 
 def encode_call(stub, i: int):
-    responses = list(stub.Encode(encoder_pb2.EncodeRequest(
-        video=VIDEOS[i], sampling=encoder_pb2.FrameSampling(num_frames=FRAMES[i]))))
+    responses = list(stub.Encode(transport.encode_inputs(encoder_pb2.EncodeRequest(
+        sampling=encoder_pb2.FrameSampling(num_frames=FRAMES[i])), VIDEOS[i])))
     return responses[0].header, b"".join(r.chunk.data for r in responses[1:])
 
 

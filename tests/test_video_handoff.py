@@ -86,7 +86,8 @@ def test_an_encoder_on_another_host_gets_the_bytes_and_the_gateway_stops_trying(
 def encode(address: str, request: encoder_pb2.EncodeRequest) -> grpc.RpcError | encoder_pb2.EncodeResponse:
     with grpc.insecure_channel(address) as channel:
         try:
-            return next(iter(encoder_pb2_grpc.EncoderStub(channel).Encode(request, timeout=60)))
+            return next(iter(encoder_pb2_grpc.EncoderStub(channel).Encode(
+                iter([encoder_pb2.EncodeInput(request=request)]), timeout=60)))
         except grpc.RpcError as err:
             return err
 

@@ -26,6 +26,12 @@ def default_model_dir() -> Path:
     return cache / "videollm" / "tiny-llava-onevision"
 
 
+def default_video_store_dir() -> Path:
+    """Where the gateway keeps uploaded videos, and where an encoder on the same host finds them."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "videollm" / "videos"
+
+
 def public_settings(settings: BaseModel) -> dict:
     """Every setting in effect, as JSON-ready values, without secrets (fields with repr=False, the
     password of a URL): what the services report in Info and the gateway in /info."""
@@ -158,7 +164,12 @@ class EncoderSettings(_ServiceSettings):
     batch_max_frames: int = Field(128, ge=1, description="most sampled frames of the requests that share a pass "
                                   "of the vision tower when batch_max_requests > 1 (a longer request runs alone, "
                                   "in chunks)")
-    max_video_bytes: int = Field(256 * MiB, ge=1, description="largest video file accepted")
+    max_video_bytes: int = Field(2048 * MiB, ge=1, description="largest video file accepted (a video sent in "
+                                 "chunks is refused on its announced size, before any chunk is read)")
+    video_store_dir: str = Field(default_factory=lambda: str(default_video_store_dir()),
+                                 description="the gateway's video store (its video_store_dir), when this encoder "
+                                 "sees the same directory: an uploaded video is then mapped from its file instead of "
+                                 "sent in chunks ('' = off: always chunks)")
     max_duration_s: float = Field(4 * 3600.0, gt=0, description="longest video accepted, in seconds")
     max_frame_pixels: int = Field(3840 * 2160, ge=1, description="width*height of one decoded frame")
     compression: CompressionSettings = CompressionSettings()
@@ -228,7 +239,15 @@ class GatewaySettings(BaseSettings):
     cache_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="lifetime of an encoded video in Redis")
     cache_max_entry_bytes: int = Field(512 * MiB, ge=0, description="larger encodings are not cached")
     upload_ttl_s: int = Field(24 * 3600, ge=1, description="lifetime of an uploaded video")
-    max_upload_bytes: int = Field(256 * MiB, ge=1, description="largest video accepted, uploaded or inline")
+    max_upload_bytes: int = Field(2048 * MiB, ge=1, description="largest video uploaded to POST /v1/videos "
+                                  "(streamed to video_store_dir, never held in memory)")
+    max_inline_bytes: int = Field(256 * MiB, ge=1, description="largest video sent inline (a data URL, held in "
+                                  "memory; the chat body's limit follows it) or fetched from a URL; larger ones are "
+                                  "uploaded and asked about by id")
+    video_store_dir: str = Field(default_factory=lambda: str(default_video_store_dir()), min_length=1,
+                                 description="directory of the uploaded videos, one file per video named by its "
+                                 "id; several gateway replicas must share it (e.g. a ReadWriteMany volume), and an "
+                                 "encoder that sees it too maps uploads from it (its own video_store_dir)")
     request_timeout_s: float = Field(600.0, gt=0, description="deadline of one request downstream")
     max_in_flight: int = Field(256, ge=1, description="chat completions in progress; more get 429")
     grpc_tls_ca: Path | None = Field(None, description="PEM CA bundle: reach encoders and LLMs over TLS")
@@ -270,5 +289,10 @@ class GatewaySettings(BaseSettings):
 
     @property
     def max_body_bytes(self) -> int:
-        # A base64 data URL is 4/3 of the video, plus the JSON around it.
-        return self.max_upload_bytes * 4 // 3 + 1 * MiB
+        """The chat body's limit: a base64 data URL is 4/3 of the video, plus the JSON around it."""
+        return self.max_inline_bytes * 4 // 3 + 1 * MiB
+
+    @property
+    def max_upload_body_bytes(self) -> int:
+        """The upload's body limit: the video plus the multipart envelope (boundaries, part headers)."""
+        return self.max_upload_bytes + 1 * MiB

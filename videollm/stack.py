@@ -126,6 +126,9 @@ def run_stack(args) -> int:
         SERVICES[service](**given[service])
     model = ensure_model(given["encoder"].get("model"))
     given["encoder"]["model"] = given["llm"]["model"] = model
+    # the encoder maps uploads from the gateway's video store: the gateway's directory as resolved here
+    # (flag, VIDEOLLM_GATEWAY_VIDEO_STORE_DIR or the default), so the two cannot drift apart
+    given["encoder"].setdefault("video_store_dir", gateway.video_store_dir)
     stack = Stack()
     stopping = serving = False
 

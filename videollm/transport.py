@@ -9,6 +9,11 @@ the protobuf encoding of a chunk message directly, so the bytes are copied once 
 times; it is byte for byte what protobuf writes and reads (tests/test_transport.py checks both
 ways). Nothing here imports torch: the gateway only frames bytes. videollm/tensors.py turns a
 tensor into bytes and back, for the encoder and the LLM.
+
+A video that travels to the encoder goes the same way: Encode takes a stream whose first message
+is the request (with the video's size) and whose following messages are the video's bytes in
+chunks (`{video_chunk: TensorChunk{data}}`), so the encoder's message limit stays at gRPC's 4 MiB
+default however large the video.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ from collections.abc import Iterator, Sequence
 
 import grpc
 
-from protos.videollm.v1 import encoder_pb2, llm_pb2, llm_pb2_grpc, tensor_pb2
+from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, llm_pb2, llm_pb2_grpc, tensor_pb2
 
 CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's 4 MiB default, large enough to amortise overhead
+VIDEO_CHUNK_BYTES = 2 << 20  # a video's chunks: fewer messages for a 1 GB file, still half the limit below
+# The encoder's limit on one received message: gRPC's default, since no message holds a whole video
+ENCODE_MAX_MESSAGE_BYTES = 4 << 20
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # the dtypes a tensor may travel in
 
 ENCODER_SERVICE = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name
@@ -30,6 +38,7 @@ PARAM_METADATA = "videollm-param"
 # trailing metadata of the LLM's INVALID_ARGUMENT for a prompt over its context: the visual tokens that would fit
 VISUAL_FIT_METADATA = "videollm-visual-fit"
 ENCODE_CHUNK_FIELD = encoder_pb2.EncodeResponse.DESCRIPTOR.fields_by_name["chunk"].number
+VIDEO_CHUNK_FIELD = encoder_pb2.EncodeInput.DESCRIPTOR.fields_by_name["video_chunk"].number
 VISUAL_CHUNK_FIELD = llm_pb2.GenerateRequest.DESCRIPTOR.fields_by_name["visual_chunk"].number
 
 
@@ -161,6 +170,26 @@ def serialize(message) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
+def encode_inputs(request: encoder_pb2.EncodeRequest, video: bytes | memoryview,
+                  chunk_bytes: int = VIDEO_CHUNK_BYTES) -> Iterator[encoder_pb2.EncodeInput]:
+    """The messages of an Encode call that sends `video` in chunks: the request with the video's
+    size, then the chunks (for direct callers with the generated stub; the gateway writes the chunk
+    messages pre-serialized)."""
+    first = encoder_pb2.EncodeRequest(video_size=len(video))
+    first.MergeFrom(request)
+    yield encoder_pb2.EncodeInput(request=first)
+    for piece in pieces(memoryview(video), chunk_bytes):
+        yield encoder_pb2.EncodeInput(video_chunk=tensor_pb2.TensorChunk(data=bytes(piece)))
+
+
+def _encode_input(message: bytes):
+    """A video chunk as a view of its data (no protobuf object, no copy); any other message parsed."""
+    try:
+        return chunk_data(message, VIDEO_CHUNK_FIELD)
+    except WireError:
+        return encoder_pb2.EncodeInput.FromString(message)
+
+
 def _generate_request(message: bytes):
     """A visual chunk as a view of its data (no protobuf object, no copy); any other message parsed."""
     try:
@@ -173,10 +202,11 @@ def _generate_request(message: bytes):
 
 
 def add_encoder_servicer(servicer, server: grpc.Server) -> None:
-    """Encode and Pull may stream pre-serialized chunk messages (bytes)."""
+    """Encode and Pull may stream pre-serialized chunk messages (bytes); Encode reads each video
+    chunk as a view of its data (see `_encode_input`)."""
     handlers = {
-        "Encode": grpc.unary_stream_rpc_method_handler(
-            servicer.Encode, request_deserializer=encoder_pb2.EncodeRequest.FromString, response_serializer=serialize),
+        "Encode": grpc.stream_stream_rpc_method_handler(
+            servicer.Encode, request_deserializer=_encode_input, response_serializer=serialize),
         "Pull": grpc.unary_stream_rpc_method_handler(
             servicer.Pull, request_deserializer=encoder_pb2.PullRequest.FromString, response_serializer=serialize),
         "Info": grpc.unary_unary_rpc_method_handler(
@@ -207,6 +237,14 @@ def llm_stub(channel: grpc.aio.Channel) -> llm_pb2_grpc.LLMStub:
     stub = llm_pb2_grpc.LLMStub(channel)
     stub.Generate = channel.stream_stream(method_path(LLM_SERVICE, "Generate"), request_serializer=serialize,
                                           response_deserializer=llm_pb2.GenerateResponse.FromString)
+    return stub
+
+
+def encoder_stub(channel: grpc.aio.Channel) -> encoder_pb2_grpc.EncoderStub:
+    """The generated stub, except that Encode also takes pre-serialized chunk messages (bytes)."""
+    stub = encoder_pb2_grpc.EncoderStub(channel)
+    stub.Encode = channel.stream_stream(method_path(ENCODER_SERVICE, "Encode"), request_serializer=serialize,
+                                        response_deserializer=encoder_pb2.EncodeResponse.FromString)
     return stub
 
 

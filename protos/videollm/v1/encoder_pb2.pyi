@@ -119,6 +119,16 @@ class EncodeRequest(_message.Message):
     max_visual_tokens: int
     def __init__(self, video: _Optional[bytes] = ..., sampling: _Optional[_Union[FrameSampling, _Mapping]] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ..., request_id: _Optional[str] = ..., offer_pull: _Optional[bool] = ..., video_ticket: _Optional[str] = ..., video_size: _Optional[int] = ..., max_visual_tokens: _Optional[int] = ...) -> None: ...
 
+class EncodeInput(_message.Message):
+    __slots__ = ("request", "video_chunk", "stored_video")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    STORED_VIDEO_FIELD_NUMBER: _ClassVar[int]
+    request: EncodeRequest
+    video_chunk: _tensor_pb2.TensorChunk
+    stored_video: str
+    def __init__(self, request: _Optional[_Union[EncodeRequest, _Mapping]] = ..., video_chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., stored_video: _Optional[str] = ...) -> None: ...
+
 class Segment(_message.Message):
     __slots__ = ("first", "last")
     FIRST_FIELD_NUMBER: _ClassVar[int]

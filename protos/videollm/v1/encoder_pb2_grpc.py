@@ -34,9 +34,9 @@ class EncoderStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Encode = channel.unary_stream(
+        self.Encode = channel.stream_stream(
                 '/videollm.v1.Encoder/Encode',
-                request_serializer=protos_dot_videollm_dot_v1_dot_encoder__pb2.EncodeRequest.SerializeToString,
+                request_serializer=protos_dot_videollm_dot_v1_dot_encoder__pb2.EncodeInput.SerializeToString,
                 response_deserializer=protos_dot_videollm_dot_v1_dot_encoder__pb2.EncodeResponse.FromString,
                 _registered_method=True)
         self.Pull = channel.unary_stream(
@@ -54,8 +54,10 @@ class EncoderStub:
 class EncoderServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Encode(self, request, context):
-        """Streams one EncodeHeader, then the token tensor as TensorChunk messages.
+    def Encode(self, request_iterator, context):
+        """Takes the request, then the video's bytes in chunks when they travel (EncodeInput), so that no
+        message holds a whole video; streams one EncodeHeader, then the token tensor as TensorChunk
+        messages.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,9 +82,9 @@ class EncoderServicer:
 
 def add_EncoderServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Encode': grpc.unary_stream_rpc_method_handler(
+            'Encode': grpc.stream_stream_rpc_method_handler(
                     servicer.Encode,
-                    request_deserializer=protos_dot_videollm_dot_v1_dot_encoder__pb2.EncodeRequest.FromString,
+                    request_deserializer=protos_dot_videollm_dot_v1_dot_encoder__pb2.EncodeInput.FromString,
                     response_serializer=protos_dot_videollm_dot_v1_dot_encoder__pb2.EncodeResponse.SerializeToString,
             ),
             'Pull': grpc.unary_stream_rpc_method_handler(
@@ -107,7 +109,7 @@ class Encoder:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Encode(request,
+    def Encode(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -117,11 +119,11 @@ class Encoder:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
             '/videollm.v1.Encoder/Encode',
-            protos_dot_videollm_dot_v1_dot_encoder__pb2.EncodeRequest.SerializeToString,
+            protos_dot_videollm_dot_v1_dot_encoder__pb2.EncodeInput.SerializeToString,
             protos_dot_videollm_dot_v1_dot_encoder__pb2.EncodeResponse.FromString,
             options,
             channel_credentials,
