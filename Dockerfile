@@ -26,11 +26,12 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv "$VIRTUAL_ENV"
 
-# The services run as this user; /models is where the checkpoint is mounted.
+# The services run as this user; /models is where the checkpoint is mounted, /video-store the
+# gateway's uploads (a named volume takes this directory's owner, so the gateway can write there).
 RUN groupadd --gid 10001 videollm \
     && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin videollm \
-    && mkdir /models \
-    && chown videollm:videollm /models
+    && mkdir /models /video-store \
+    && chown videollm:videollm /models /video-store
 
 WORKDIR /app
 
