@@ -23,7 +23,7 @@ import pytest
 from conftest import GatewayServer, free_port, gateway_settings
 from encoder_service.engine import EncoderEngine
 from encoder_service.server import start as start_encoder
-from gateway.video_store import PARTIAL_PREFIX, VideoStore
+from gateway.video_store import PARTIAL_PREFIX, WRITE_BYTES, VideoStore
 from helpers import data_url, encoder_calls, video_chat
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc
 from test_direct_pull import encoder_info
@@ -110,11 +110,12 @@ def test_an_upload_is_a_file_named_by_its_hash_asked_about_by_id_on_a_miss_and_a
 
 
 class GrowingBody:
-    """A chunked request body that pauses after `pause_after` bytes until the gateway's store holds a
-    partial file of at least that many bytes minus one batch: proof that the upload is written to
-    disk as it arrives, before the body has ended."""
+    """A chunked request body that pauses after `pause_after` bytes (past the gateway's first 4 MiB
+    write) until the gateway's store holds a partial file of at least 1 MiB: proof that the upload is
+    written to disk as it arrives, before the body has ended."""
 
     def __init__(self, payload: bytes, store: Path, pause_after: int | None = None, piece: int = 256 << 10):
+        assert pause_after is None or pause_after > WRITE_BYTES + (64 << 10), "pause past the first write"
         self.payload, self.store, self.pause_after, self.piece = payload, store, pause_after, piece
         self.partial_seen = 0
 
@@ -122,7 +123,7 @@ class GrowingBody:
         for start in range(0, len(self.payload), self.piece):
             yield self.payload[start:start + self.piece]
             if self.pause_after is not None and start < self.pause_after <= start + self.piece:
-                self.partial_seen = self._wait_for_partial(self.pause_after - (4 << 20))
+                self.partial_seen = self._wait_for_partial(MiB)
 
     def _wait_for_partial(self, at_least: int, wait_s: float = 30) -> int:
         deadline = time.monotonic() + wait_s
@@ -153,14 +154,19 @@ def test_an_upload_over_the_limit_is_refused_while_it_streams_and_leaves_no_file
         assert growing.partial_seen >= MiB
         assert files_in(store) == [response.json()["id"]]
 
-    with gateway_for(encoder_service.address, llm_service, store, max_upload_bytes=3_000_000) as gateway:
-        # no Content-Length: the gateway counts the video's bytes as they stream and stops at the limit
-        response = httpx.post(f"{gateway.url}/v1/videos", content=iter(GrowingBody(body, store)),
-                              timeout=TIMEOUT, headers={"content-type": content_type})
-        error_of(response, 413, "video_too_large", "3000000")
-        assert not [name for name in files_in(store) if name.startswith(PARTIAL_PREFIX)]  # the partial file is gone
+    limit = len(big_clip) - MiB
+    with gateway_for(encoder_service.address, llm_service, store, max_upload_bytes=limit) as gateway:
+        # no Content-Length: the gateway counts the video's bytes as they stream and stops at the limit,
+        # with part of the video already on disk (seen here), which it deletes
+        growing = GrowingBody(body, store, pause_after=limit - MiB // 2)
+        response = httpx.post(f"{gateway.url}/v1/videos", content=iter(growing), timeout=TIMEOUT,
+                              headers={"content-type": content_type})
+        error_of(response, 413, "video_too_large", str(limit))
+        assert growing.partial_seen >= MiB
+        assert files_in(store) == [f"video-{hashlib.sha256(big_clip).hexdigest()}"]  # the partial file is gone
         # a declared size over the limit is refused before a byte is read
-        error_of(upload(gateway, big_clip), 413, "request_too_large", "3000000")
+        with gateway_for(encoder_service.address, llm_service, store, max_upload_bytes=3_000_000) as small:
+            error_of(upload(small, big_clip), 413, "request_too_large", "3000000")
         assert files_in(store) == [f"video-{hashlib.sha256(big_clip).hexdigest()}"]  # only the earlier upload
 
 
