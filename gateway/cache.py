@@ -17,6 +17,7 @@ import logging
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis.asyncio as redis_async
@@ -167,10 +168,13 @@ class RedisStore:
 
 
 class TokenCache:
-    def __init__(self, store: RedisStore, ttl_s: int, max_entry_bytes: int):
+    def __init__(self, store: RedisStore, ttl_s: int, max_entry_bytes: int, skipped: Callable[[], None] = lambda: None):
+        """skipped(): called for each encoding too large to cache (a metric counts them); such an
+        entry is never truncated, only left out."""
         self.store = store
         self.ttl_s = ttl_s
         self.max_entry_bytes = max_entry_bytes
+        self.skipped = skipped
         self._writes: set[asyncio.Task] = set()
 
     async def get(self, key: str) -> EncodedVideo | None:
@@ -203,6 +207,7 @@ class TokenCache:
     async def put(self, key: str, video: EncodedVideo) -> bool:
         if len(video.payload) > self.max_entry_bytes:
             log.info("not caching %s: %d bytes exceed the entry cap of %d", key, len(video.payload), self.max_entry_bytes)
+            self.skipped()
             return False
         return await self.store.set(key, video.to_bytes(), self.ttl_s)
 

@@ -21,6 +21,8 @@ class GatewayMetrics:
         )
         self.in_flight = Gauge("videollm_requests_in_flight", "chat completions in progress", registry=self.registry)
         self.cache = Counter("videollm_cache_lookups", "token cache lookups", ["result"], registry=self.registry)
+        self.cache_skipped = Counter("videollm_cache_entries_skipped", "encodings not cached: larger than "
+                                     "cache_max_entry_bytes", registry=self.registry)
         self.ttft = Histogram(
             "videollm_ttft_seconds", "time to first token seen by the gateway", ["cache"],
             buckets=LATENCY_BUCKETS, registry=self.registry,

@@ -45,7 +45,8 @@ class Runtime:
         # videos go to encoders in chunks (or by file), tokens come back in chunks: no message is large
         self.encoders = ReplicaPool.connect("encoder", settings.encoders, transport.encoder_stub, 16 * MiB, tls)
         self.llms = ReplicaPool.connect("LLM", settings.llms, transport.llm_stub, 16 * MiB, tls)
-        cache = TokenCache(self.store, settings.cache_ttl_s, settings.cache_max_entry_bytes)
+        cache = TokenCache(self.store, settings.cache_ttl_s, settings.cache_max_entry_bytes,
+                           self.metrics.cache_skipped.inc)
         self.pipeline = Pipeline(settings, self.encoders, self.llms, cache)
         if settings.redis_url and not await self.store.ping():
             log.warning("starting without the cache: Redis at %s is unreachable", settings.redis_url)

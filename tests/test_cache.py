@@ -103,7 +103,13 @@ def test_entries_over_the_size_cap_are_not_cached(encoder_service, llm_service, 
         body = video_chat(data_url(make_video("mp4", seed=26)), videollm={"num_frames": 4})
         ask(server.url, body)
         assert ask(server.url, body).headers["x-videollm-cache"] == "miss"
+        deadline = time.monotonic() + 30
+        while server.cache_writes_pending():  # the second answer's write runs in the background
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
     assert clean_redis.keys(TOKEN_KEYS) == []
+    assert "videollm_cache_entries_skipped_total 2.0" in metrics  # left out, counted, never truncated
 
 
 @pytest.mark.parametrize("prefix_held", [False, True])
