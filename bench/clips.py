@@ -3,6 +3,10 @@
 Every clip is generated (no file to download) and deterministic: the same name gives the same
 bytes on any machine with the same FFmpeg build (x264 runs on one thread: with several, its output
 varies from run to run). Long clips take a while to encode, so `clip()` keeps them in a cache directory.
+The 10-minute clip (`720p-10min`, 18,000 frames) would take about 12 minutes on one thread, so it is
+encoded in segments of 20 s (each on one x264 thread, in parallel processes) that are joined
+packet by packet: still the same bytes on every machine, whatever its number of cores (see
+`PhoneClip.segment_s`).
 
 Phone footage is what product backends send: H.264 High profile with B-frames, 30 fps, a fixed
 GOP of 1-2 s (phones do not cut GOPs at scene changes), and about the bitrate a phone records at
@@ -17,8 +21,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import multiprocessing
 import os
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -39,6 +46,12 @@ class PhoneClip:
     # None: 8-bit H.264. "hlg", "pq" or "bt709": 10-bit HEVC in BT.2020 tagged with this transfer, as
     # recent phones record HDR (the picture is the same; what a decoder does with the tags is measured)
     transfer: str | None = None
+    # Seconds per segment encoded on its own, all of them in parallel processes, then joined: None =
+    # one encode. A whole number of GOPs, so every segment starts at a keyframe as the one encode
+    # would; each segment's x264 starts its rate control afresh (nothing a decoder can see besides
+    # the bits spent). Left out of repr(), which names the cached files, so that the other clips'
+    # cache files keep their names; clip() adds it to the name when it is set.
+    segment_s: float | None = field(default=None, repr=False)
 
     @property
     def frames(self) -> int:
@@ -52,6 +65,10 @@ CLIPS: dict[str, PhoneClip | None] = {  # None: the 360p scene clip of bench/vid
     # HDR as an iPhone records it (HEVC, HLG), and the same stream tagged SDR: the cost of tone mapping
     "1080p-10s-hlg": PhoneClip(1920, 1080, 10.0, gop_s=1.0, bitrate_mbps=10.0, transfer="hlg"),
     "1080p-10s-hevc-sdr": PhoneClip(1920, 1080, 10.0, gop_s=1.0, bitrate_mbps=10.0, transfer="bt709"),
+    # a long video (issue 16): 720p-2min for 10 minutes, encoded in 30 segments of 20 s in parallel
+    # (measured on the 2-core CPU: 23-30 frames/s for one x264 thread at 720p, so 18,000 frames on one
+    # thread take 10-13 minutes; in segments about a sixteenth of that on 16 cores)
+    "720p-10min": PhoneClip(1280, 720, 600.0, gop_s=1.0, bitrate_mbps=8.0, segment_s=20.0),
 }
 # one thread: with several, x264's output changes from run to run (measured: four encodes of the
 # same 2 s clip at 8 threads gave four different files and frames); a 1080p 30 s clip then takes
@@ -88,9 +105,10 @@ def _world(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarra
     return luma, chroma[0], chroma[1]
 
 
-def _phone_frames(spec: PhoneClip, seed: int = 0):
+def _phone_frames(spec: PhoneClip, seed: int = 0, first: int = 0, stop: int | None = None):
     """yuv420p frames of a handheld camera over `_world`: a slow pan along a path, a push-in and
-    back, a shake of a few pixels, objects crossing the frame, and grain; [H * 3 / 2, W] uint8 each."""
+    back, a shake of a few pixels, objects crossing the frame, and grain; [H * 3 / 2, W] uint8 each.
+    Frames first..stop-1 of the clip only (a segment): the same frames the whole clip has there."""
     rng = np.random.default_rng(seed)
     width, height = spec.width, spec.height
     world_w, world_h = int(width * 2.2) // 2 * 2, int(height * 1.6) // 2 * 2
@@ -101,7 +119,7 @@ def _phone_frames(spec: PhoneClip, seed: int = 0):
               for _ in range(5)]
     shake = np.cumsum(rng.normal(0, 1.2, size=(spec.frames, 2)), axis=0)
     shake -= np.linspace(0, 1, spec.frames)[:, None] * shake[-1]  # drifts back: the path stays in the world
-    for t in range(spec.frames):
+    for t in range(first, spec.frames if stop is None else stop):
         phase = t / spec.frames
         x = int((world_w - width) * (0.5 - 0.45 * np.cos(2 * np.pi * phase)) + shake[t, 0] * 2) // 2 * 2
         y = int((world_h - height) * (0.5 + 0.4 * np.sin(4 * np.pi * phase)) + shake[t, 1] * 2) // 2 * 2
@@ -139,13 +157,20 @@ def _encoder(spec: PhoneClip) -> tuple[str, str, dict[str, str]]:
 
 def encode_phone_clip(spec: PhoneClip, seed: int = 0) -> bytes:
     """The clip as a phone records it: MP4, B-frames, a fixed GOP, a target bitrate; H.264 High
-    profile, or 10-bit HEVC for the HDR clips."""
+    profile, or 10-bit HEVC for the HDR clips. A clip with `segment_s` is encoded in segments, in
+    parallel processes, and joined (_encode_segmented)."""
+    if spec.segment_s is not None:
+        return _encode_segmented(spec, seed)
+    return _encode_frames(spec, _phone_frames(spec, seed))
+
+
+def _encode_frames(spec: PhoneClip, frames) -> bytes:
     codec, pix_fmt, options = _encoder(spec)
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=spec.fps, options=options)
         stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, pix_fmt
-        for planes in _phone_frames(spec, seed):
+        for planes in frames:
             if pix_fmt == "yuv420p10le":
                 planes = planes.astype(np.uint16) << 2  # the same picture at 10 bits
             frame = av.VideoFrame.from_ndarray(planes, format=pix_fmt)
@@ -156,24 +181,84 @@ def encode_phone_clip(spec: PhoneClip, seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-def _cache_dir() -> Path:
+def _encode_segment(spec: PhoneClip, seed: int, first: int, stop: int) -> bytes:
+    return _encode_frames(spec, _phone_frames(spec, seed, first, stop))
+
+
+def segment_bounds(spec: PhoneClip) -> list[tuple[int, int]]:
+    """The frames (first, stop) of each segment of a clip with segment_s: a whole number of GOPs each."""
+    per, gop = round(spec.segment_s * spec.fps), round(spec.gop_s * spec.fps)
+    if per <= 0 or per % gop:
+        raise ValueError(f"segment_s ({spec.segment_s}) must be a whole number of GOPs ({spec.gop_s} s)")
+    return [(first, min(first + per, spec.frames)) for first in range(0, spec.frames, per)]
+
+
+def _encode_segmented(spec: PhoneClip, seed: int, workers: int | None = None) -> bytes:
+    """The segments encoded in parallel processes (each x264 on one thread, so each segment is the
+    same bytes every time), then their packets joined into one MP4, each segment's timestamps moved
+    after the one before: the bytes do not depend on the number of processes. Processes are spawned,
+    not forked: the caller may hold threads (a benchmark's) that a fork would copy mid-work."""
+    bounds = segment_bounds(spec)
+    workers = min(len(bounds), workers or os.cpu_count() or 1)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        segments = list(pool.map(_encode_segment, *zip(*[(spec, seed, first, stop) for first, stop in bounds])))
+    return join_segments(segments, [stop - first for first, stop in bounds], spec.fps)
+
+
+def join_segments(segments: list[bytes], frames: list[int], fps: int) -> bytes:
+    """MP4 segments of one stream (same codec settings, each starting at a keyframe, `frames[i]`
+    frames at `fps` each) as one MP4: the packets as they are, each segment's timestamps moved by
+    the duration of the segments before it (what FFmpeg's concat demuxer does)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as target:
+        out_stream, start = None, Fraction(0)  # seconds
+        for data, count in zip(segments, frames):
+            with av.open(io.BytesIO(data)) as source:
+                in_stream = source.streams.video[0]
+                if out_stream is None:
+                    out_stream = target.add_stream_from_template(in_stream)
+                offset = int(start / in_stream.time_base)
+                for packet in source.demux(in_stream):
+                    if packet.dts is None:  # the demuxer's empty packet at the end
+                        continue
+                    packet.pts += offset
+                    packet.dts += offset
+                    packet.stream = out_stream
+                    target.mux(packet)
+            start += Fraction(count, fps)
+    return buffer.getvalue()
+
+
+def default_cache_dir() -> Path:
+    """$VIDEOLLM_BENCH_CLIPS, or ~/.cache/videollm-bench: where clip() keeps the clips."""
     return Path(os.environ.get("VIDEOLLM_BENCH_CLIPS", Path.home() / ".cache" / "videollm-bench"))
+
+
+def clip_path(name: str, cache_dir: Path | None = None) -> Path | None:
+    """Where clip() keeps the named clip (there or not yet), or None for a clip that is not cached
+    (the 360p clip, made in seconds)."""
+    if name not in CLIPS:
+        raise ValueError(f"no clip named {name!r}; the clips are {', '.join(CLIPS)}")
+    spec = CLIPS[name]
+    if spec is None:
+        return None
+    # the file name carries the spec and the FFmpeg build, so a changed generator never reads a stale file
+    text = f"{spec}{X264_THREADS}{av.library_versions}{_GENERATOR_VERSION}"
+    if spec.segment_s is not None:  # not in repr(spec): see PhoneClip.segment_s
+        text += f"segment_s={spec.segment_s}"
+    tag = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return (cache_dir or default_cache_dir()) / f"{name}-{tag}.mp4"
 
 
 def clip(name: str, cache_dir: Path | None = None) -> bytes:
     """The named clip's bytes, generated once and then read from `cache_dir` (default
     $VIDEOLLM_BENCH_CLIPS or ~/.cache/videollm-bench)."""
-    if name not in CLIPS:
-        raise ValueError(f"no clip named {name!r}; the clips are {', '.join(CLIPS)}")
-    spec = CLIPS[name]
-    if spec is None:
+    path = clip_path(name, cache_dir)
+    if path is None:
         return benchmark_clip()
-    # the file name carries the spec and the FFmpeg build, so a changed generator never reads a stale file
-    tag = hashlib.sha256(f"{spec}{X264_THREADS}{av.library_versions}{_GENERATOR_VERSION}".encode()).hexdigest()[:12]
-    path = (cache_dir or _cache_dir()) / f"{name}-{tag}.mp4"
     if path.exists():
         return path.read_bytes()
-    data = encode_phone_clip(spec)
+    data = encode_phone_clip(CLIPS[name])
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.part")
     partial.write_bytes(data)
@@ -204,9 +289,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="generate the benchmark's clips (cached) and describe them")
     parser.add_argument("names", nargs="*", default=list(CLIPS), help=f"clips, of {', '.join(CLIPS)}")
     parser.add_argument("--out", type=Path, help="also write each clip to this directory")
+    parser.add_argument("--cache-dir", type=Path, help="the clips' cache (default: $VIDEOLLM_BENCH_CLIPS or "
+                                                       "~/.cache/videollm-bench)")
     args = parser.parse_args()
     for name in args.names:
-        data = clip(name)
+        data = clip(name, args.cache_dir)
         print(name, describe(data))
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
