@@ -22,6 +22,7 @@ import torch
 from encoder_service.video_decode import VideoLimits, decode_video
 
 PROMPT = "Describe what happens in this video, scene by scene."
+TOKENS_PER_FRAME = 196  # LLaVA-OneVision's tokens per video frame (729 patches pooled 2x2); a video adds one newline
 
 
 def _sync(device: torch.device) -> None:
@@ -52,14 +53,24 @@ class Monolithic:
         start = time.perf_counter()
         pixels = self.processor(videos=[decoded.frames], return_tensors="pt")["pixel_values_videos"]
         timings["preprocess_ms"] = (time.perf_counter() - start) * 1e3
-        chat = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": PROMPT}]}]
-        ids = self.tokenizer(self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))[
-            "input_ids"]
+        ids = self.prompt_ids()
         at = ids.index(self.video_id)
-        ids = ids[:at] + [self.video_id] * (frames * 196 + 1) + ids[at + 1:]
+        ids = ids[:at] + [self.video_id] * (frames * TOKENS_PER_FRAME + 1) + ids[at + 1:]
         inputs = {"input_ids": torch.tensor([ids], device=self.device),
                   "pixel_values_videos": pixels.to(self.device, self.model.dtype)}
         return inputs, timings
+
+    def prompt_ids(self) -> list[int]:
+        """The chat's token ids, with one video token where the video's tokens go."""
+        chat = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": PROMPT}]}]
+        return self.tokenizer(self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))[
+            "input_ids"]
+
+    def frames_that_fit(self, context_tokens: int, max_tokens: int) -> int:
+        """The most frames whose full tokens (T*196 + 1), with the prompt's other tokens and max_tokens
+        generated, fit in a context of context_tokens."""
+        text = len(self.prompt_ids()) - 1
+        return max(0, (context_tokens - max_tokens - text - 1) // TOKENS_PER_FRAME)
 
     @torch.inference_mode()
     def measure(self, video: bytes, frames: int, max_tokens: int, repeats: int) -> dict:
@@ -91,7 +102,7 @@ class Monolithic:
             runs.append(timings)
         runs = runs[1:]
         result = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-        result["visual_tokens"] = frames * 196 + 1
+        result["visual_tokens"] = frames * TOKENS_PER_FRAME + 1
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         return result
 

@@ -60,6 +60,7 @@ from bench.checkpoint import SHAPES, build_checkpoint
 from bench.client import BodyFile, chat_body, chat_body_parts, chat_bytes, closed_loop, stream_once, upload_video
 from bench.clips import CLIPS, clip, describe
 from bench.stack import Placement, start_stack
+from bench.tables import fig
 from bench.video import variant
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, llm_pb2, llm_pb2_grpc
 
@@ -347,7 +348,8 @@ async def baseline_throughput(url: str, name: str, data: bytes, args, counter: l
     return rows
 
 
-def environment(args) -> dict:
+def environment(args, program: str = "videollm bench") -> dict:
+    """The machine and versions, and the command (`program` and args.argv)."""
     import torch
     import transformers
 
@@ -359,7 +361,7 @@ def environment(args) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "command": "videollm bench " + " ".join(args.argv),
+        "command": f"{program} " + " ".join(args.argv),
     }
 
 
@@ -377,14 +379,8 @@ def decode_floor_ms(model_dir: Path, bandwidth_tb_s: float) -> float:
     return llm_bytes / (bandwidth_tb_s * 1e12) * 1e3
 
 
-def _fig(row: dict, key: str, digits: int = 1) -> str:
-    """A row's figure, or "-" where it has none (results of an older bench lack some)."""
-    value = row.get(key)
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def _pair(row: dict, first: str, second: str) -> str:
-    return f"{_fig(row, first)}/{_fig(row, second)}"
+    return f"{fig(row, first)}/{fig(row, second)}"
 
 
 def _speedup(base: float, value: float | None) -> str:
@@ -425,9 +421,9 @@ def report(results: dict) -> str:
                     f"{_speedup(base['ttft_ms'], row.get('ttft_hit_id_ms'))}" if base else "- | - | - | -")
         lines.append(
             f"| {row.get('clip', LEGACY_CLIP)} | {row['frames']} | {row['retain']} | {row['frames_after_merge']} | "
-            f"{row['visual_tokens']} | {_fig(row, 'ttft_miss_ms')} | {_fig(row, 'ttft_hit_ms')} | "
-            f"{_fig(row, 'ttft_hit_id_ms')} | {_fig(row, 'encode_ms')} | {_fig(row, 'prefill_ms')} | "
-            f"{_pair(row, 'handoff_miss_ms', 'handoff_hit_ms')} | {_fig(row, 'decode_tokens_per_s')} | {compared} |")
+            f"{row['visual_tokens']} | {fig(row, 'ttft_miss_ms')} | {fig(row, 'ttft_hit_ms')} | "
+            f"{fig(row, 'ttft_hit_id_ms')} | {fig(row, 'encode_ms')} | {fig(row, 'prefill_ms')} | "
+            f"{_pair(row, 'handoff_miss_ms', 'handoff_hit_ms')} | {fig(row, 'decode_tokens_per_s')} | {compared} |")
     if latency:
         lines += ["", "## Cache hits: the same data URL sent again, or an uploaded video's id (medians, ms)", "",
                   "in gateway/LLM: the hit's TTFT as the gateway and the LLM measured it; upload: POST /v1/videos of "
@@ -436,8 +432,8 @@ def report(results: dict) -> str:
                   "in gateway/LLM (id) |", "|---" * 9 + "|"]
         for row in latency:
             lines.append(f"| {row.get('clip', LEGACY_CLIP)} | {row['frames']} | {row['retain']} | "
-                         f"{_fig(row, 'ttft_hit_ms')} | {_pair(row, 'gateway_ttft_hit_ms', 'llm_ttft_hit_ms')} | "
-                         f"{_fig(row, 'upload_ms')} | {_fig(row, 'ttft_miss_id_ms')} | {_fig(row, 'ttft_hit_id_ms')} | "
+                         f"{fig(row, 'ttft_hit_ms')} | {_pair(row, 'gateway_ttft_hit_ms', 'llm_ttft_hit_ms')} | "
+                         f"{fig(row, 'upload_ms')} | {fig(row, 'ttft_miss_id_ms')} | {fig(row, 'ttft_hit_id_ms')} | "
                          f"{_pair(row, 'gateway_ttft_hit_id_ms', 'llm_ttft_hit_id_ms')} |")
     parts = [row for row in latency if "miss_parts_ms" in row]
     if parts:
@@ -453,7 +449,7 @@ def report(results: dict) -> str:
                                      ("uploaded id", "miss_id_parts_ms", "ttft_miss_id_ms")):
                 if key in row:
                     lines.append(f"| {row.get('clip', LEGACY_CLIP)} | {row['frames']} | {row['retain']} | {video} | "
-                                 f"{row[ttft]:.1f} | " + " | ".join(_fig(row[key], n) for n in names) + " |")
+                                 f"{row[ttft]:.1f} | " + " | ".join(fig(row[key], n) for n in names) + " |")
     if baseline:
         lines += ["", "## Baseline: transformers' monolithic `generate`, full tokens (measured in-process, one request "
                   "at a time)", "",
@@ -479,7 +475,7 @@ def report(results: dict) -> str:
         for row in placement["throughput"]:
             cells = (f"| {placement['placement']} | {row['retain']} | {row['clients']} | {row['requests']} | "
                      f"{row['errors']} | {row['rps']:.2f} | {row['ttft_p50_ms']:.0f} | {row['ttft_p99_ms']:.0f} | "
-                     f"{_fig(row, 'encoder_batch_mean', 2)} |")
+                     f"{fig(row, 'encoder_batch_mean', 2)} |")
             for kind in kinds:
                 b = by_kind.get((kind, row["clients"]))
                 if b is None:

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,8 +45,12 @@ class RunningStack:
 
 
 def start_stack(model: Path, placement: Placement, device: str, redis_server: str, log_dir: Path,
-                max_concurrent: int = 128) -> RunningStack:
+                max_concurrent: int = 128, *, max_upload_bytes: int = 1 << 30, encoder_args: Sequence[str] = (),
+                env: dict[str, str] | None = None) -> RunningStack:
+    """encoder_args: more flags for each encoder; env: more environment variables for every service
+    (e.g. the video store's directory, which the gateway and the encoders must share)."""
     stack = Stack()
+    base_env = {**os.environ, **(env or {})}
     python = [sys.executable, "-m", "videollm.cli", "--log-level", "WARNING"]
     try:
         redis_port = free_port()
@@ -57,19 +62,20 @@ def start_stack(model: Path, placement: Placement, device: str, redis_server: st
         for kind, gpus in (("encoder", placement.encoders), ("llm", placement.llms)):
             for replica, gpu in enumerate(gpus):
                 port = free_port()
-                env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+                service_env = {**base_env, "CUDA_VISIBLE_DEVICES": gpu}
                 service_device = device if gpu != "" else "cpu"
                 log = open(log_dir / f"{kind}{replica}.log", "w")
                 process = stack.spawn(kind, [*python, kind, "--model", str(model), "--port", str(port),
-                                             "--device", service_device, "--max-concurrent", str(max_concurrent)],
-                                      env=env, stdout=log, stderr=subprocess.STDOUT)
+                                             "--device", service_device, "--max-concurrent", str(max_concurrent),
+                                             *(encoder_args if kind == "encoder" else ())],
+                                      env=service_env, stdout=log, stderr=subprocess.STDOUT)
                 addresses[kind].append((f"127.0.0.1:{port}", process))
         for kind in addresses:
             for address, process in addresses[kind]:
                 wait_for_grpc(address, process, 900)
         port = free_port()
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        gateway_env = {**os.environ, "REDIS_URL": redis_url, "VIDEOLLM_GATEWAY_MAX_UPLOAD_BYTES": str(1 << 30)}
+        gateway_env = {**base_env, "REDIS_URL": redis_url, "VIDEOLLM_GATEWAY_MAX_UPLOAD_BYTES": str(max_upload_bytes)}
         log = open(log_dir / "gateway.log", "w")
         gateway = stack.spawn("gateway", [
             *python, "gateway", "--port", str(port),
