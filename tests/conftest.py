@@ -7,6 +7,7 @@ rather than skipping tests.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -110,13 +111,22 @@ class GrpcService:
     server: object
 
 
-@pytest.fixture(scope="session")
-def encoder_service(tiny_model_dir):
-    settings = EncoderSettings(model=tiny_model_dir, port=0, max_frames=64)
+@contextlib.contextmanager
+def running_encoder(settings: EncoderSettings):
+    """An encoder service of its own on loopback (settings.port 0: any free port), stopped after."""
     engine = EncoderEngine(settings)
     server, _, port = start_encoder(settings, engine)
-    yield GrpcService(f"127.0.0.1:{port}", engine, server)
-    server.stop(None)
+    try:
+        yield GrpcService(f"127.0.0.1:{port}", engine, server)
+    finally:
+        server.stop(None)
+        engine.close()
+
+
+@pytest.fixture(scope="session")
+def encoder_service(tiny_model_dir):
+    with running_encoder(EncoderSettings(model=tiny_model_dir, port=0, max_frames=64)) as service:
+        yield service
 
 
 @pytest.fixture(scope="session")

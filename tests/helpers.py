@@ -1,9 +1,10 @@
-"""Request builders shared by the end-to-end tests."""
+"""Request builders and checks shared by the end-to-end tests."""
 
 from __future__ import annotations
 
 import base64
 
+import httpx
 import torch
 
 from protos.videollm.v1 import tensor_pb2
@@ -37,3 +38,13 @@ def assemble(header: tensor_pb2.TensorHeader, pieces, max_bytes: int) -> torch.T
     for piece in pieces:
         assembler.add(piece)
     return tensors.received(assembler)
+
+
+def assert_error(response: httpx.Response, status: int, code: str, *words: str) -> dict:
+    """An OpenAI-shaped error of this status and code whose message has every word; its body."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code, error
+    for word in words:
+        assert word in error["message"], error
+    return error

@@ -20,11 +20,9 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import GatewayServer, free_port, gateway_settings
-from encoder_service.engine import EncoderEngine
-from encoder_service.server import start as start_encoder
+from conftest import GatewayServer, free_port, gateway_settings, running_encoder
 from gateway.video_store import PARTIAL_PREFIX, WRITE_BYTES, VideoStore
-from helpers import data_url, encoder_calls, video_chat
+from helpers import assert_error, data_url, encoder_calls, video_chat
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc
 from test_direct_pull import encoder_info
 from videollm import transport
@@ -62,15 +60,6 @@ def answered(response: httpx.Response, cache: str) -> dict:
     assert response.status_code == 200, response.text
     assert response.headers["x-videollm-cache"] == cache
     return response.json()
-
-
-def error_of(response: httpx.Response, status: int, code: str, *words: str) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["code"] == code, error
-    for word in words:
-        assert word in error["message"], error
-    return error
 
 
 def files_in(directory: Path) -> list[str]:
@@ -161,12 +150,12 @@ def test_an_upload_over_the_limit_is_refused_while_it_streams_and_leaves_no_file
         growing = GrowingBody(body, store, pause_after=limit - MiB // 2)
         response = httpx.post(f"{gateway.url}/v1/videos", content=iter(growing), timeout=TIMEOUT,
                               headers={"content-type": content_type})
-        error_of(response, 413, "video_too_large", str(limit))
+        assert_error(response, 413, "video_too_large", str(limit))
         assert growing.partial_seen >= MiB
         assert files_in(store) == [f"video-{hashlib.sha256(big_clip).hexdigest()}"]  # the partial file is gone
         # a declared size over the limit is refused before a byte is read
         with gateway_for(encoder_service.address, llm_service, store, max_upload_bytes=3_000_000) as small:
-            error_of(upload(small, big_clip), 413, "request_too_large", "3000000")
+            assert_error(upload(small, big_clip), 413, "request_too_large", "3000000")
         assert files_in(store) == [f"video-{hashlib.sha256(big_clip).hexdigest()}"]  # only the earlier upload
 
 
@@ -177,11 +166,11 @@ def test_a_multipart_body_cut_off_before_its_end_is_refused_and_leaves_no_file(e
     with gateway_for(encoder_service.address, llm_service, store) as gateway:
         response = httpx.post(f"{gateway.url}/v1/videos", content=body[:-40], timeout=TIMEOUT,
                               headers={"content-type": content_type})
-        error_of(response, 400, "invalid_value", "closing boundary")
+        assert_error(response, 400, "invalid_value", "closing boundary")
         assert files_in(store) == []
         not_multipart = httpx.post(f"{gateway.url}/v1/videos", content=clip, timeout=TIMEOUT,
                                    headers={"content-type": "video/mp4"})
-        error_of(not_multipart, 400, "invalid_value", "multipart/form-data")
+        assert_error(not_multipart, 400, "invalid_value", "multipart/form-data")
         assert files_in(store) == []
 
 
@@ -207,7 +196,7 @@ def test_a_damaged_file_sent_in_chunks_is_404_deleted_and_never_encoded(encoder_
         (store / video_id).write_bytes(damaged)
         encodes = encoder_calls(encoder_service)
 
-        error_of(ask(gateway, video_id), 404, "video_not_found", video_id, "damaged", "upload it again")
+        assert_error(ask(gateway, video_id), 404, "video_not_found", video_id, "damaged", "upload it again")
         assert files_in(store) == []
         assert encoder_calls(encoder_service) == encodes  # the check ended before the call's last message
         assert gateway.app.state.runtime.encoders.replicas[0].shares_video_store is False
@@ -219,7 +208,7 @@ def test_an_expired_upload_is_gone_and_the_sweep_removes_old_files(encoder_servi
         video_id = upload(gateway, clip).json()["id"]
         day_ago = time.time() - 24 * 3600
         os.utime(store / video_id, (day_ago, day_ago))
-        error_of(ask(gateway, video_id), 404, "video_not_found", "expired")  # read as gone before any sweep
+        assert_error(ask(gateway, video_id), 404, "video_not_found", "expired")  # read as gone before any sweep
         assert files_in(store) == []
 
     swept = VideoStore(tmp_path / "swept", ttl_s=3600)
@@ -291,10 +280,8 @@ def test_the_encoder_checks_the_announced_size_and_the_chunks_that_follow(encode
 def encoder_without_our_store(request, tiny_model_dir, tmp_path):
     """An encoder that does not see the gateway's store, as on another host (or with its store off)."""
     store = str(tmp_path / "elsewhere") if request.param == "another directory" else ""
-    settings = EncoderSettings(model=tiny_model_dir, port=0, video_store_dir=store)
-    server, _, port = start_encoder(settings, EncoderEngine(settings))
-    yield f"127.0.0.1:{port}"
-    server.stop(None)
+    with running_encoder(EncoderSettings(model=tiny_model_dir, port=0, video_store_dir=store)) as service:
+        yield service.address
 
 
 def test_an_upload_goes_by_file_to_an_encoder_that_shares_the_store_and_in_chunks_elsewhere(
@@ -337,8 +324,8 @@ def test_an_inline_video_over_the_inline_limit_gets_413_naming_the_upload_route(
         assert settings.max_body_bytes == 2 * MiB * 4 // 3 + MiB  # the chat body's limit follows the inline one
         over_inline = big_clip[: 2 * MiB + 1000]  # its body is within the body limit: the video's check refuses
         assert len(data_url(over_inline)) < settings.max_body_bytes
-        error_of(ask(gateway, data_url(over_inline)), 413, "video_too_large", "POST /v1/videos", str(2 * MiB))
-        error_of(ask(gateway, data_url(big_clip)), 413, "request_too_large", "POST /v1/videos")  # body over its limit
+        assert_error(ask(gateway, data_url(over_inline)), 413, "video_too_large", "POST /v1/videos", str(2 * MiB))
+        assert_error(ask(gateway, data_url(big_clip)), 413, "request_too_large", "POST /v1/videos")  # body over its limit
         # the upload route keeps its own, larger limit
         assert len(big_clip) > settings.max_body_bytes
         video_id = upload(gateway, big_clip).json()["id"]

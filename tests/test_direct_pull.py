@@ -11,10 +11,8 @@ import grpc
 import httpx
 import pytest
 
-from conftest import GatewayServer, free_port, gateway_settings
-from encoder_service.engine import EncoderEngine
+from conftest import GatewayServer, free_port, gateway_settings, running_encoder
 from encoder_service.pull_store import PullStore
-from encoder_service.server import start as start_encoder
 from llm_service.engine import LLMEngine
 from llm_service.pull import EncoderPuller
 from llm_service.server import start as start_llm
@@ -95,10 +93,8 @@ def llm_over_grpc(tiny_model_dir):
 @pytest.fixture
 def forgetful_encoder(tiny_model_dir):
     """An encoder whose tokens expire before anyone can pull them (kept in its memory, not in files)."""
-    settings = EncoderSettings(model=tiny_model_dir, port=0, pull_ttl_s=1e-9, pull_shm_dir="")
-    server, _, port = start_encoder(settings, EncoderEngine(settings))
-    yield f"127.0.0.1:{port}"
-    server.stop(None)
+    with running_encoder(EncoderSettings(model=tiny_model_dir, port=0, pull_ttl_s=1e-9, pull_shm_dir="")) as service:
+        yield service.address
 
 
 def test_a_failed_pull_falls_back_to_the_gateway(forgetful_encoder, llm_service, encoder_service):

@@ -21,7 +21,7 @@ import pytest
 from conftest import stack_gateway
 from gateway.body import parse_chat_body
 from gateway.schemas import ChatCompletionRequest
-from helpers import data_url, video_chat
+from helpers import assert_error, data_url, video_chat
 from videos import encode, make_video
 
 TIMEOUT = 120
@@ -66,15 +66,6 @@ def token_keys(redis_client, count: int) -> list[bytes]:
     while len(keys := redis_client.keys(TOKEN_KEYS)) < count and time.monotonic() < deadline:
         time.sleep(0.05)
     return keys
-
-
-def assert_error(response: httpx.Response, status: int, code: str, *words: str) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["code"] == code, error
-    for word in words:
-        assert word in error["message"], error
-    return error
 
 
 # -- questions by uploaded id ------------------------------------------------------------------------

@@ -11,11 +11,9 @@ import httpx
 import pytest
 import torch
 
-from conftest import GatewayServer, GrpcService, gateway_settings
+from conftest import GatewayServer, gateway_settings, running_encoder
 from encoder_service.admission import FramesInFlight
 from encoder_service.decode_pool import DecodePool
-from encoder_service.engine import EncoderEngine
-from encoder_service.server import start as start_encoder
 from helpers import data_url, video_chat
 from videollm.frame_sampling import FrameSampling
 from videollm.settings import CompressionSettings, EncoderSettings
@@ -56,12 +54,8 @@ def test_the_tower_in_chunks_gives_the_tokens_of_one_pass(encoder_service, setti
 @pytest.fixture(scope="module")
 def long_video_encoder(tiny_model_dir):
     """An encoder with the default frame limit (1,024) and small chunks."""
-    settings = EncoderSettings(model=tiny_model_dir, port=0, chunk_frames=16)
-    engine = EncoderEngine(settings)
-    server, _, port = start_encoder(settings, engine)
-    yield GrpcService(f"127.0.0.1:{port}", engine, server)
-    server.stop(None)
-    engine.close()
+    with running_encoder(EncoderSettings(model=tiny_model_dir, port=0, chunk_frames=16)) as service:
+        yield service
 
 
 LONG_CLIP = encode(moving_frames(300, 64, 48, seed=7), "mp4")  # 12.5 s at 24 fps

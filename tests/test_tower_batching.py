@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import GrpcService
+from conftest import running_encoder
 from encoder_service.engine import EncoderEngine
-from encoder_service.server import start as start_encoder
 from encoder_service.tower_batcher import TowerBatcher, TowerJob
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc
 from videollm import transport
@@ -198,12 +197,8 @@ def test_a_closed_batcher_refuses_new_requests_with_a_clear_error():
 
 @pytest.fixture(scope="module")
 def batching_encoder(tiny_model_dir):
-    settings = EncoderSettings(model=tiny_model_dir, port=0, max_frames=64, batch_max_requests=4)
-    engine = EncoderEngine(settings)
-    server, _, port = start_encoder(settings, engine)
-    yield GrpcService(f"127.0.0.1:{port}", engine, server)
-    server.stop(None)
-    engine.close()
+    with running_encoder(EncoderSettings(model=tiny_model_dir, port=0, max_frames=64, batch_max_requests=4)) as service:
+        yield service
 
 
 VIDEOS = [make_video("mp4", 24 + 8 * i) for i in range(4)]

@@ -7,9 +7,7 @@ import grpc
 import httpx
 import pytest
 
-from conftest import GatewayServer, gateway_settings
-from encoder_service.engine import EncoderEngine
-from encoder_service.server import start as start_encoder
+from conftest import GatewayServer, gateway_settings, running_encoder
 from helpers import data_url, video_chat
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc
 from test_direct_pull import SHM, encoder_info
@@ -53,10 +51,9 @@ def test_a_miss_on_the_same_host_hands_the_video_over_in_shared_memory(encoder_s
 def encoder_elsewhere(tiny_model_dir, tmp_path):
     """An encoder whose shared-memory directory is not the gateway's, as on another host."""
     (tmp_path / "elsewhere").mkdir()
-    settings = EncoderSettings(model=tiny_model_dir, port=0, pull_shm_dir=str(tmp_path / "elsewhere"))
-    server, _, port = start_encoder(settings, EncoderEngine(settings))
-    yield f"127.0.0.1:{port}"
-    server.stop(None)
+    with running_encoder(EncoderSettings(model=tiny_model_dir, port=0, pull_shm_dir=str(tmp_path / "elsewhere"))) \
+            as service:
+        yield service.address
 
 
 def test_an_encoder_on_another_host_gets_the_bytes_and_the_gateway_stops_trying(encoder_elsewhere, llm_service,
