@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -66,6 +67,7 @@ from bench.tables import fig
 from bench.video import encode, moving_frames, variant
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, llm_pb2, llm_pb2_grpc
 
+ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = "python -m bench.long_video"
 MAX_VIDEO_BYTES = 2 << 30  # the stack's upload limit here, the encoder's too: a 10-minute clip is ~600 MB
 
@@ -146,8 +148,8 @@ class ClipSource:
         nice = [shutil.which("nice"), "-n", "10"] if shutil.which("nice") else []
         with open(log_dir / f"clip-{self.name}.log", "w") as log:
             self.process = subprocess.Popen([*nice, sys.executable, "-m", "bench.clips", spec, "--cache-dir",
-                                             str(cache_dir)], stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+                                             str(cache_dir.resolve())], stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True, cwd=ROOT)
 
         def wait() -> None:
             self.process.wait()
@@ -173,7 +175,8 @@ class ClipSource:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)  # its group: the generator and its encoding processes
+            with contextlib.suppress(ProcessLookupError):  # it may have ended just now
+                os.killpg(self.process.pid, signal.SIGTERM)  # its group: the generator and its encoding processes
             self.process.wait()
 
 
