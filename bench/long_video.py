@@ -18,9 +18,9 @@ measures through REST, in this order:
    and a hit by uploaded id, medians of --repeats) on --short-clip (default `720p-2min`) at --frames
    (64,256) and --retain (0.1).
 3. Interference: a --short-frames (32) request on the short clip alone (a miss), then the same
-   request (a fresh miss) sent --interference-delay-s after the long one starts (default: when the
-   long miss above was past decoding: its gateway_in + decode + preprocess + queue), so it reaches
-   the encoder's tower while the long one is in it; both TTFTs, and what the short one waited for the
+   request (a fresh miss) sent --interference-delay-s after the long one starts (default: so that it
+   reaches the tower a third into the long one's pass, from the long miss's and the short request's
+   own timings), so it reaches the encoder's tower while the long one is in it; both TTFTs, and what the short one waited for the
    tower (its encoder queue time).
 4. After the stack is stopped, transformers' monolithic model (bench/baseline.py) on the long clip:
    the most frames whose full tokens (196 a frame + 1) fit with the prompt and --max-tokens in the
@@ -275,11 +275,15 @@ async def long_request(client: httpx.AsyncClient, url: str, name: str, data: byt
     }
 
 
-def default_delay_s(long: dict) -> float:
-    """When the long miss was past decoding, from the client's send: the gateway's part before the
-    Encode call, then the encoder's decoding, preprocessing and queue."""
-    parts = long["miss_parts_ms"]
-    return (parts["gateway_in"] + parts["encoder_decode"] + parts["encoder_preprocess"] + parts["encoder_queue"]) / 1e3
+def default_delay_s(long: dict, short_alone: list) -> float:
+    """When to send the short request so that it reaches the tower a third into the long one's
+    pass: the long miss's way to the tower (the gateway's part before the Encode call, the
+    encoder's decoding, preprocessing and queue) and a third of its tower time, less the short
+    one's own way to the tower (measured alone)."""
+    parts, short = long["miss_parts_ms"], breakdown(short_alone)
+    to_tower = parts["gateway_in"] + parts["encoder_decode"] + parts["encoder_preprocess"] + parts["encoder_queue"]
+    short_to_tower = short["gateway_in"] + short["encoder_decode"] + short["encoder_preprocess"]
+    return max(0.0, to_tower + parts["encoder_vision"] / 3 - short_to_tower) / 1e3
 
 
 def request_figures(samples) -> dict:
@@ -304,7 +308,7 @@ async def interference(client: httpx.AsyncClient, url: str, long_data: bytes, sh
         expect_cache(alone[-1], "miss", "the short request alone")
     progress(f"  short request alone: TTFT {statistics.median(s.ttft_ms for s in alone):.0f} ms")
     given = args.interference_delay_s is not None
-    delay_s = args.interference_delay_s if given else default_delay_s(long)
+    delay_s = args.interference_delay_s if given else default_delay_s(long, alone)
     shorts, longs, long_done_first, short_first = [], [], [], []
     for index in range(args.repeats):
         long_id, _ = await fresh_upload(client, url, long_data, variants)
@@ -325,7 +329,8 @@ async def interference(client: httpx.AsyncClient, url: str, long_data: bytes, sh
     return {
         "delay_s": delay_s,
         "delay_source": "--interference-delay-s" if given else
-        "the long miss's gateway_in + encoder decode + preprocess + queue (medians)",
+        "the long miss's way to the tower and a third of its tower time, less the short one's way to the tower "
+        "(medians)",
         "short_clip": clip_name(args.short_clip),
         "short_frames": args.short_frames,
         "retain": args.retain,

@@ -10,6 +10,7 @@ several, ~40 ms at 1080p), and the demux keeps the packets for the decoders of t
 from __future__ import annotations
 
 import bisect
+import functools
 import io
 import mmap
 from dataclasses import dataclass, field
@@ -102,6 +103,12 @@ class Index:
     last_duration: int = 0  # how long the last frame is shown, in time_base (0: not said)
     color: ColorTags = field(default_factory=lambda: ColorTags())  # the stream's, for frames whose own say nothing
     tone_map: bool = True  # HDR frames tone-mapped to SDR by the runs; False: left as 16-bit R'G'B'
+
+    @functools.cached_property
+    def rank(self) -> dict[int, int] | None:
+        """pts -> presentation index, made once for all the runs of a request (a 10-minute clip has
+        18,000 frames); None without usable timestamps."""
+        return {t: r for r, t in enumerate(self.pts)} if self.pts is not None else None
 
     @property
     def frames(self) -> int:

@@ -8,6 +8,7 @@ batch_max_requests allows (tower_batcher.py).
 
 from __future__ import annotations
 
+import logging
 import mmap
 import threading
 import time
@@ -26,6 +27,9 @@ from videollm.checkpoint import check_model_dir, model_identity
 from videollm.flops import encoder_flops
 from videollm.frame_sampling import FrameSampling, retain_for_budget
 from videollm.settings import CompressionSettings, EncoderSettings
+
+
+log = logging.getLogger(__name__)
 
 
 class Overloaded(RuntimeError):
@@ -60,6 +64,8 @@ class EncoderEngine:
         # every frame bucket of a step with the default settings (other schedules capture when first run);
         # no step of the tower takes more than a chunk of frames
         self.vision.capture_graphs(settings.chunk_frames, [self.vision.schedule(settings.compression)])
+        if self.vision.device.type == "cuda":
+            self._warm_up(settings.compression)
         self.batcher = TowerBatcher(self._run_batch, settings.batch_max_frames, settings.batch_max_requests)
         self._admission = threading.BoundedSemaphore(settings.max_concurrent)
         self.frames_in_flight = FramesInFlight(settings.max_frames_in_flight)
@@ -143,6 +149,17 @@ class EncoderEngine:
             batch_requests=job.batch_requests,
             batch_frames=job.batch_frames,
         )
+
+    def _warm_up(self, settings: CompressionSettings) -> None:
+        """One encode of noise frames, more than a chunk, with the default settings, so that what
+        the first request would otherwise wait for (compiles of the scoring and of the steps between
+        the layers at their real sizes: 13 s measured on an H200 for the first long request) happens
+        before the service reports ready."""
+        started = time.perf_counter()
+        size = self.vision.config.vision_config.image_size
+        noise = torch.rand(self.settings.chunk_frames + 5, 3, size, size, generator=torch.Generator().manual_seed(0))
+        self.vision.encode(noise * 2 - 1, settings)  # [T, 3, H, W] in the processor's range
+        log.info("warmed up the encoder in %.1f s", time.perf_counter() - started)
 
     def _allocate_frames(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """Where decode_video puts the frames: page-locked memory on a GPU (from torch's caching host

@@ -123,9 +123,10 @@ def _decode_run(index: Index, start: int, wanted: list[int], threads: int = 8) -
     """
     found: dict[int, np.ndarray] = {}
     wanted_set = set(wanted)
-    rank = {t: r for r, t in enumerate(index.pts)} if index.pts is not None else None
+    rank = index.rank
     decoder = _decoder(index, threads)
     position = start  # without timestamps (start is 0): frames come out in presentation order
+    unfed = len(wanted_set)  # wanted frames whose packets the decoder has not had yet
 
     def take(frames) -> bool:
         nonlocal position
@@ -141,10 +142,14 @@ def _decode_run(index: Index, start: int, wanted: list[int], threads: int = 8) -
     try:
         for packet in index.packets[index.entry[start]:]:
             if rank is not None:
-                decoder.skip_frame = "DEFAULT" if rank.get(packet.pts, -1) in wanted_set else "NONREF"
+                is_wanted = rank.get(packet.pts, -1) in wanted_set
+                decoder.skip_frame = "DEFAULT" if is_wanted else "NONREF"
+                unfed -= is_wanted
             if take(decoder.decode(packet)):
                 return found
-        take(decoder.decode(None))  # the end of the stream: the frames the decoder still holds
+            if unfed == 0:  # every wanted frame and what it refers to is in: drain instead of decoding
+                break       # the frames after it that the decoder's reordering delay would ask for
+        take(decoder.decode(None))  # the frames the decoder still holds
     except av.FFmpegError as err:
         raise VideoError(f"the video is corrupt or truncated: {err}") from err
     return found
@@ -244,6 +249,7 @@ def _decode_selected(index: Index, indices: list[int], allocate: Allocate,
     keyframe to the last wanted frame), so that the longest does not start last."""
     runs = sorted(_runs(index, indices).items(), key=lambda run: run[1][-1] - run[0], reverse=True)
     threads = decoder_threads(len(runs))
+    index.rank  # made once, here, before the runs share it
     frames = _Frames(indices, allocate, turn)  # a lone run goes through the pool too, so the pool bounds every decode
     POOL.run([lambda start=start, wanted=wanted: frames.fill(_decode_from_clean_entry(index, start, wanted, threads))
               for start, wanted in runs])
