@@ -211,9 +211,9 @@ class TokenCache:
             return False
         return await self.store.set(key, video.to_bytes(), self.ttl_s)
 
-    def put_when_verified(self, key: str, encoded: asyncio.Future) -> None:
+    def put_when_verified(self, key: str, encoded: asyncio.Future) -> asyncio.Task:
         """Store the tokens in the background once `encoded` (-> EncodedVideo) completes, i.e. the
-        tensor arrived whole and verified; a failed encode is never cached."""
+        tensor arrived whole and verified; a failed encode is never cached. Returns the write."""
 
         async def store():
             try:
@@ -225,6 +225,7 @@ class TokenCache:
         task = asyncio.create_task(store())
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
+        return task
 
     @property
     def writes_pending(self) -> int:

@@ -20,6 +20,7 @@ import grpc
 
 from gateway.backends import PrefixHolders, Replica, ReplicaPool
 from gateway.cache import EncodedVideo, SingleFlight, TokenCache
+from gateway.shared_flight import SharedFlight
 from gateway.encode_call import EncodeCalls
 from gateway.errors import APIError, from_grpc
 from gateway.relay import GenerateRequests, VisualSource, generate_setup
@@ -38,6 +39,7 @@ class Pipeline:
         self.llms = llms
         self.cache = cache
         self.single_flight = SingleFlight()
+        self.shared_flight = SharedFlight(cache.store, cache)
         self.prefix_holders = PrefixHolders()
         self._encoder_info: encoder_pb2.EncoderInfo | None = None
         self.video_handoff = VideoHandoff.at(settings.pull_shm_dir, stale_after_s=settings.request_timeout_s)
@@ -60,6 +62,9 @@ class Pipeline:
         finally:  # however this ends, the gateway's copy of a miss's tokens is read (for the cache, for followers)
             if source is not None:
                 source.release()
+                if source.lease is not None:  # no cache write to wait for: the other gateways may lead
+                    self.shared_flight.release_after(source.lease, None)
+                    source.lease = None
 
     # -- 1. settings ----------------------------------------------------------------------------
 
@@ -86,17 +91,26 @@ class Pipeline:
             return VisualSource.in_memory(key, cached)
         outcome.cache = "miss"
         waiting = self.single_flight.leader_or_wait(key)
-        if waiting is not None:  # someone is encoding the same video with the same settings
+        if waiting is not None:  # someone here is encoding the same video with the same settings
             return VisualSource.in_memory(key, await asyncio.shield(waiting))
+        lease = None
         try:
+            led = await self.shared_flight.lead_or_wait(key, timeout_s)
+            if isinstance(led, EncodedVideo):  # another gateway encoded it meanwhile
+                self.single_flight.finish(key, result=led)
+                return VisualSource.in_memory(key, led)
+            lease = led
             outcome.encode_called_at = time.perf_counter()
             offer_pull = self.settings.direct_pull and self.settings.grpc_tls_ca is None
             call, header, address = await self._open_encode(job, timeout_s, offer_pull)
             outcome.encode_header_at = time.perf_counter()
         except BaseException as err:
             self.single_flight.finish(key, error=err)
+            if lease is not None:
+                self.shared_flight.release_after(lease, None)
             raise
         source = VisualSource.relayed(key, call, header, address)
+        source.lease = lease  # released once the entry is written (generate), or when the request ends
         self.single_flight.finish_with(key, source.encoded)
         return source
 
@@ -162,7 +176,10 @@ class Pipeline:
                 setup.ClearField("pull")  # the ticket may be spent: send the tokens
                 continue
             if source is not None and source.relay is not None:
-                self.cache.put_when_verified(source.key, source.encoded)
+                written = self.cache.put_when_verified(source.key, source.encoded)
+                if source.lease is not None:  # the other gateways wait for this entry
+                    self.shared_flight.release_after(source.lease, written)
+                    source.lease = None
             if setup.video_key:
                 self.prefix_holders.remember(source.key, replica.address)
             call, first = answered
@@ -223,4 +240,5 @@ class Pipeline:
             self.llms.release(replica)
 
     async def close(self) -> None:
+        await self.shared_flight.close()
         await self.cache.close()

@@ -84,6 +84,7 @@ class VisualSource:
     relay: EncodeRelay | None = None  # set on a cache miss that this request encodes
     fetch: Callable[[], Awaitable[EncodedVideo]] | None = None  # reads the tokens when first needed
     pull: llm_pb2.VisualPull | None = None  # where an LLM can take the tokens straight from the encoder
+    lease: object | None = None  # shared_flight.Lease of a miss this gateway encodes, until handed on
 
     def __post_init__(self):
         if self.chunks is None:
