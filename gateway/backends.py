@@ -8,6 +8,7 @@ prefers the LLM replica that answered about it last (PrefixHolders): it holds th
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 
 UNAVAILABLE_BACKOFF_S = 2.0
 PREFIX_HOLDERS_KEPT = 100_000  # video -> LLM replica entries for prefix-aware routing
+# a preferred replica (a prefix's holder) with this many more calls in flight than the least loaded
+# one is passed over: a popular video must not pile its questions onto one replica
+PREFER_SLACK = 8
 
 
 @dataclass
@@ -96,17 +100,26 @@ class ReplicaPool:
         return cls(kind, replicas)
 
     def pick(self, exclude: set[str] = frozenset(), prefer: str | None = None) -> Replica | None:
-        """The least loaded replica; `prefer` (e.g. the holder of a cached prefix) wins when it is up."""
+        """The least loaded replica; `prefer` (e.g. the holder of a cached prefix) wins when it is up
+        and not overloaded (at most PREFER_SLACK calls in flight more than the least loaded)."""
         now = time.monotonic()
         candidates = [r for r in self.replicas if r.address not in exclude]
         if not candidates:
             return None
         up = [r for r in candidates if r.down_until <= now] or candidates
-        for replica in up:
-            if replica.address == prefer:
-                return replica
         turn = next(self._turn)
-        return min(up, key=lambda r: (r.in_flight, (r.order - turn) % len(self.replicas)))
+        least = min(up, key=lambda r: (r.in_flight, (r.order - turn) % len(self.replicas)))
+        for replica in up:
+            if replica.address == prefer and replica.in_flight <= least.in_flight + PREFER_SLACK:
+                return replica
+        return least
+
+    def home(self, key: str) -> str:
+        """The replica every gateway picks for `key` from the same replicas, whatever its order in the
+        settings: the highest of hash(key, address) (rendezvous hashing, so that a replica added or
+        gone moves only its own share of keys)."""
+        return max(sorted(r.address for r in self.replicas),
+                   key=lambda address: hashlib.blake2b(f"{key}\n{address}".encode(), digest_size=8).digest())
 
     def candidates(self, prefer: str | None = None) -> Iterator[Replica]:
         """The replicas to try one after another for a call, each at most once (see pick)."""

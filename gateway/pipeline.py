@@ -164,10 +164,16 @@ class Pipeline:
         on another one, replaying the visual tokens from memory."""
         setup = generate_setup(request, source)
         chunks = source.chunks if source is not None else None
-        holder = self.prefix_holders.get(source.key) if setup.video_key else None
-        for replica in self.llms.candidates(prefer=holder):
+        # The video's LLM: the one that answered about it last here, else the one every gateway picks
+        # for it (ReplicaPool.home), so that a repeat question through any gateway finds its prefix.
+        # Only a replica that may hold the prefix is asked before the tokens are sent: the one that
+        # answered here, or the home replica of a video whose tokens were cached (answered before).
+        remembered = self.prefix_holders.get(source.key) if setup.video_key else None
+        home = remembered or (self.llms.home(source.key) if setup.video_key else None)
+        holder = remembered or (home if outcome.cache == "hit" else None)
+        for replica in self.llms.candidates(prefer=home):
             # Wait for the LLM's answer before sending the tokens when it may not need them: it may hold
-            # the video's prefix (only the replica that answered about it last can) or pull them itself.
+            # the video's prefix or pull them itself.
             ask_first = replica.address == holder or setup.HasField("pull")
             answered = await self._first_response(replica, GenerateRequests(setup, chunks, ask_first), source,
                                                   outcome, request.remaining_s())

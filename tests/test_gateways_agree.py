@@ -1,6 +1,7 @@
 """Several gateways on one Redis agree: of identical concurrent misses spread over them, one
 encodes; a lock whose holder died expires and another gateway takes over; a failed encode leaves
-no lock behind (real gateways, encoder, LLM and Redis on loopback)."""
+no lock behind; a repeat question through another gateway reaches the LLM that holds the video's
+prefix (real gateways, encoder, LLMs and Redis on loopback)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import GatewayServer, gateway_settings
+from conftest import GatewayServer, GrpcService, gateway_settings
 from gateway.shared_flight import LOCK_TTL_MS, lock_key
 from helpers import data_url, encoder_calls, video_chat
+from llm_service.engine import LLMEngine
+from llm_service.server import start as start_llm
+from videollm.settings import LLMSettings
 from videos import make_video
 
 LOCKS = "videollm:v1:encoding:*"
@@ -73,3 +77,32 @@ def test_a_failed_encode_leaves_no_lock(two_gateways, clean_redis):
     answer = ask(two_gateways[0], video_chat(data_url(broken), videollm={"num_frames": 4}))
     assert answer.status_code == 400, answer.text
     assert no_lock_left(clean_redis)
+
+
+@pytest.fixture(scope="module")
+def second_llm(tiny_model_dir):
+    settings = LLMSettings(model=tiny_model_dir, port=0)
+    engine = LLMEngine(settings)
+    server, _, port = start_llm(settings, engine)
+    yield GrpcService(f"127.0.0.1:{port}", engine, server)
+    server.stop(None)
+
+
+def test_a_repeat_question_through_the_other_gateway_finds_its_prefix(encoder_service, llm_service, second_llm,
+                                                                        redis_server, clean_redis):
+    engines = {llm_service.address: llm_service.engine, second_llm.address: second_llm.engine}
+
+    def settings(llms):  # the two gateways list the LLMs in other orders: the choice must not depend on it
+        return gateway_settings([encoder_service.address], llms, redis_server.url)
+
+    with GatewayServer(settings(list(engines))) as first, GatewayServer(settings(list(engines)[::-1])) as second:
+        for seed in range(704, 710):  # several videos: by chance alone all six would agree 1 time in 32
+            video = data_url(make_video("mp4", seed=seed, n_frames=24))
+            served = {address: engine.generations_completed for address, engine in engines.items()}
+            hits = {address: engine.prefixes.hits for address, engine in engines.items()}
+            assert ask(first, video_chat(video, "What moves?", videollm={"num_frames": 4})).status_code == 200
+            (holder,) = [a for a, e in engines.items() if e.generations_completed > served[a]]
+            repeat = ask(second, video_chat(video, "What colour is it?", videollm={"num_frames": 4}))
+            assert repeat.status_code == 200 and repeat.headers["x-videollm-cache"] == "hit"
+            assert engines[holder].generations_completed == served[holder] + 2  # the same replica answered
+            assert engines[holder].prefixes.hits == hits[holder] + 1  # and prefilled only the question
