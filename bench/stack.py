@@ -65,7 +65,9 @@ def start_stack(model: Path, placement: Placement, device: str, redis_server: st
                 service_env = {**base_env, "CUDA_VISIBLE_DEVICES": gpu}
                 service_device = device if gpu != "" else "cpu"
                 log = open(log_dir / f"{kind}{replica}.log", "w")
+                # no metrics ports: several replicas on one host would race for one
                 process = stack.spawn(kind, [*python, kind, "--model", str(model), "--port", str(port),
+                                             "--metrics-port", "0",
                                              "--device", service_device, "--max-concurrent", str(max_concurrent),
                                              *(encoder_args if kind == "encoder" else ())],
                                       env=service_env, stdout=log, stderr=subprocess.STDOUT)

@@ -69,6 +69,7 @@ class EncoderEngine:
         self.batcher = TowerBatcher(self._run_batch, settings.batch_max_frames, settings.batch_max_requests)
         self._admission = threading.BoundedSemaphore(settings.max_concurrent)
         self.frames_in_flight = FramesInFlight(settings.max_frames_in_flight)
+        self.requests_in_flight = 0
         self._count_lock = threading.Lock()
         self.encodes_completed = 0
 
@@ -88,9 +89,13 @@ class EncoderEngine:
         settings = compression or self.settings.compression
         if not self._admission.acquire(blocking=False):
             raise Overloaded(f"the encoder has {self.settings.max_concurrent} requests in flight; retry later")
+        with self._count_lock:
+            self.requests_in_flight += 1
         try:
             return self._encode(video, sampling, settings, max_visual_tokens)
         finally:
+            with self._count_lock:
+                self.requests_in_flight -= 1
             self._admission.release()
 
     def _encode(self, video: bytes | mmap.mmap, sampling: FrameSampling, settings: CompressionSettings,

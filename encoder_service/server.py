@@ -19,6 +19,7 @@ from videollm.checkpoint import peak_memory_bytes
 from videollm.grpc_server import run_until_signalled, start_service
 from videollm.frame_sampling import SamplingError
 from videollm.proto_mapping import compression_from_proto, compression_to_proto, sampling_from_proto, sampling_to_proto
+from videollm.service_metrics import encoder_registry, serve_metrics
 from videollm.settings import EncoderSettings, public_settings
 
 SERVICE_NAME = transport.ENCODER_SERVICE
@@ -167,6 +168,7 @@ def start(settings: EncoderSettings, engine: EncoderEngine | None = None, servic
 def serve(settings: EncoderSettings) -> None:
     servicer = EncoderServicer(EncoderEngine(settings))
     server, health, _ = start(settings, servicer=servicer)
+    serve_metrics(encoder_registry(servicer.engine), settings.host, settings.metrics_port)
     try:
         run_until_signalled(server, health, [SERVICE_NAME])
     finally:

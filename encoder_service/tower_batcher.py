@@ -84,6 +84,7 @@ class TowerBatcher:
         self.max_frames = max_frames
         self.max_requests = max_requests
         self._waiting: deque[TowerJob] = deque()
+        self._passes: list[_Pass] = []  # taken from _waiting, in arrival order; the worker's alone
         self._wake = threading.Condition()
         self._closed = False
         self.batches_run = 0
@@ -109,8 +110,18 @@ class TowerBatcher:
             self._wake.notify()
         self._worker.join()
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for the tower: queued, or in a pass not started."""
+        return len(self._waiting) + sum(len(p.jobs) for p in list(self._passes) if p.steps is None)
+
+    @property
+    def frames_waiting(self) -> int:
+        return (sum(job.frames for job in list(self._waiting))
+                + sum(p.frames for p in list(self._passes) if p.steps is None))
+
     def _loop(self) -> None:
-        passes: list[_Pass] = []  # in arrival order
+        passes = self._passes
         while True:
             with self._wake:
                 while not self._waiting and not passes and not self._closed:

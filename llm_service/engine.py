@@ -87,6 +87,7 @@ class LLMEngine:
         self._admission = threading.BoundedSemaphore(settings.max_concurrent)
         self._count_lock = threading.Lock()
         self.generations_completed = 0
+        self.requests_in_flight = 0
         self.prefixes = PrefixCache(settings.prefix_cache_entries)
         self.batcher = Batcher(self.runner, self._prefill)
 
@@ -192,6 +193,8 @@ class LLMEngine:
             raise Overloaded(f"the LLM has {self.settings.max_concurrent} requests in flight; retry later")
         sequence = Sequence(request, ids, Sampler(request.sampling, self.lm.device), frozenset(self.lm.eos_token_ids),
                             TextOutput(self.lm.tokenizer, request.sampling.stop))
+        with self._count_lock:
+            self.requests_in_flight += 1
         try:
             self.batcher.submit(sequence)
             yield from self._stream(request, sequence)
@@ -199,6 +202,7 @@ class LLMEngine:
             sequence.closed.set()
             with self._count_lock:
                 self.generations_completed += 1
+                self.requests_in_flight -= 1
             self._admission.release()
 
     def _stream(self, request: GenerationRequest, sequence: Sequence) -> Iterator[Delta | Final]:

@@ -17,6 +17,7 @@ from videollm import tensors, transport
 from videollm.checkpoint import peak_memory_bytes
 from videollm.grpc_server import MiB, run_until_signalled, start_service
 from videollm.proto_mapping import inner_from_proto
+from videollm.service_metrics import llm_registry, serve_metrics
 from videollm.settings import InnerCompressionSettings, LLMSettings, public_settings
 
 SERVICE_NAME = transport.LLM_SERVICE
@@ -172,5 +173,7 @@ def start(settings: LLMSettings, engine: LLMEngine | None = None):
 
 
 def serve(settings: LLMSettings) -> None:
-    server, health, _ = start(settings)
+    engine = LLMEngine(settings)
+    server, health, _ = start(settings, engine)
+    serve_metrics(llm_registry(engine), settings.host, settings.metrics_port)
     run_until_signalled(server, health, [SERVICE_NAME])

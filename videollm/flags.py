@@ -121,11 +121,12 @@ def given_values(args: argparse.Namespace, flags: list[Flag], owner: str | None 
 
 SERVICES: dict[str, type] = {"gateway": GatewaySettings, "encoder": EncoderSettings, "llm": LLMSettings}
 
-# What `serve` decides itself: the services' addresses (free loopback ports) and TLS between them.
+# What `serve` decides itself: the services' addresses and metrics ports (free loopback ports) and
+# TLS between them.
 SERVE_OWNS = {
     "gateway": frozenset({"encoders", "llms", "grpc_tls_ca", "grpc_tls_cert", "grpc_tls_key"}),
-    "encoder": frozenset({"host", "port", "tls_cert", "tls_key", "tls_client_ca"}),
-    "llm": frozenset({"host", "port", "tls_cert", "tls_key", "tls_client_ca"}),
+    "encoder": frozenset({"host", "port", "metrics_port", "tls_cert", "tls_key", "tls_client_ca"}),
+    "llm": frozenset({"host", "port", "metrics_port", "tls_cert", "tls_key", "tls_client_ca"}),
 }
 
 

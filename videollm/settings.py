@@ -148,6 +148,8 @@ class EncoderSettings(_ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="VIDEOLLM_ENCODER_", env_nested_delimiter="__", extra="ignore")
 
     port: int = Field(50051, description="port to listen on")
+    metrics_port: int = Field(9101, ge=0, le=65535, description="HTTP port of the Prometheus metrics (queue "
+                              "depths, videollm/service_metrics.py); 0 = off")
     default_frames: int = Field(32, ge=1, description="frames sampled when a request names none (at most "
                                 "max_frames: a lower max_frames lowers it too unless it is given)")
     max_frames: int = Field(1024, ge=1, description="most frames one request may sample (num_frames, or the cap "
@@ -194,6 +196,8 @@ class LLMSettings(_ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="VIDEOLLM_LLM_", extra="ignore")
 
     port: int = Field(50052, description="port to listen on")
+    metrics_port: int = Field(9102, ge=0, le=65535, description="HTTP port of the Prometheus metrics (queue "
+                              "depths, videollm/service_metrics.py); 0 = off")
     max_concurrent: int = Field(64, ge=1, description="requests admitted at once (decoding or waiting for a "
                                 "decode slot); more get RESOURCE_EXHAUSTED")
     decode_slots: int = Field(16, ge=1, le=256, description="requests decoded together (continuous batching); "

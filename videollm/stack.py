@@ -158,9 +158,11 @@ def run_stack(args) -> int:
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
 
         encoder_port, llm_port = free_port(), free_port()
+        metrics = {"encoder": free_port(), "llm": free_port()}
         children = {
-            "encoder": {**given["encoder"], "host": "127.0.0.1", "port": encoder_port},
-            "llm": {**given["llm"], "host": "127.0.0.1", "port": llm_port},
+            "encoder": {**given["encoder"], "host": "127.0.0.1", "port": encoder_port,
+                        "metrics_port": metrics["encoder"]},
+            "llm": {**given["llm"], "host": "127.0.0.1", "port": llm_port, "metrics_port": metrics["llm"]},
             "gateway": {**given["gateway"], "redis_url": redis_url,
                         "encoders": [f"127.0.0.1:{encoder_port}"], "llms": [f"127.0.0.1:{llm_port}"]},
         }
@@ -172,7 +174,8 @@ def run_stack(args) -> int:
         wait_for_tcp(gateway.host, gateway.port, process, 60)
         serving = True
         print(f"videollm is serving on http://{gateway.host}:{gateway.port}  (model {model}, "
-              f"Redis {redis_url}); Ctrl-C stops it", flush=True)
+              f"Redis {redis_url}; metrics of the encoder and the LLM at http://127.0.0.1:{metrics['encoder']}/metrics "
+              f"and http://127.0.0.1:{metrics['llm']}/metrics); Ctrl-C stops it", flush=True)
         while not stopping:
             exited = stack.first_exited()
             if exited is not None:
