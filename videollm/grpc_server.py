@@ -15,6 +15,9 @@ from videollm.settings import MiB
 
 log = logging.getLogger(__name__)
 
+MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
+MAX_CONNECTION_AGE_GRACE_MS = 11 * 60 * 1000  # above the gateway's default request_timeout_s of 600 s
+
 
 def make_server(max_workers: int, max_message_bytes: int) -> tuple[grpc.Server, health.HealthServicer]:
     server = grpc.server(
@@ -23,6 +26,11 @@ def make_server(max_workers: int, max_message_bytes: int) -> tuple[grpc.Server, 
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", 16 * MiB),
             ("grpc.so_reuseport", 0),
+            # a backstop for clients that balance over the pods behind one name: every connection ends
+            # after a while (its calls may finish, up to longer than the longest answer), so a client
+            # connects again and a new pod gets its share
+            ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+            ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_MS),
         ],
     )
     health_servicer = health.HealthServicer()
