@@ -389,6 +389,10 @@ def check_probes(objects) -> list[str]:
                                         f"{GRPC_SERVICE[name]}")
                     if grpc["port"] != settings.port:
                         problems.append(f"{name}: {kind} on port {grpc['port']}, the service listens on {settings.port}")
+                metrics = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}.get("metrics")
+                if metrics != settings.metrics_port or metrics != METRICS_PORT[name]:
+                    problems.append(f"{name}: container port `metrics` {metrics}, the service serves its metrics "
+                                    f"on {settings.metrics_port}, expected {METRICS_PORT[name]}")
                 startup = c.get("startupProbe", {})
                 if startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3) < 300:
                     problems.append(f"{name}: the startupProbe gives model loading less than 5 minutes")
@@ -610,6 +614,8 @@ BREAKAGES = {
                          {"app.kubernetes.io/name": "lm"})),
     "claim": (check_references, lambda o: named(o, "Deployment", "encoder")["spec"]["template"]["spec"]["volumes"][0]
               ["persistentVolumeClaim"].update(claimName="models")),
+    "metrics port": (check_probes, lambda o: named(o, "ConfigMap", "videollm-llm")["data"].update(
+        VIDEOLLM_LLM_METRICS_PORT="9101")),
     "probe port": (check_probes, lambda o: _container(o, "gateway")["readinessProbe"]["httpGet"].update(port=8080)),
     "grpc service": (check_probes,
                      lambda o: _container(o, "encoder")["startupProbe"]["grpc"].update(service="videollm.v1.Encoders")),
