@@ -129,13 +129,21 @@ def encoder_service(tiny_model_dir):
         yield service
 
 
-@pytest.fixture(scope="session")
-def llm_service(tiny_model_dir):
-    settings = LLMSettings(model=tiny_model_dir, port=0)
+@contextlib.contextmanager
+def running_llm(settings: LLMSettings):
+    """An LLM service of its own on loopback (settings.port 0: any free port), stopped after."""
     engine = LLMEngine(settings)
     server, _, port = start_llm(settings, engine)
-    yield GrpcService(f"127.0.0.1:{port}", engine, server)
-    server.stop(None)
+    try:
+        yield GrpcService(f"127.0.0.1:{port}", engine, server)
+    finally:
+        server.stop(None)
+
+
+@pytest.fixture(scope="session")
+def llm_service(tiny_model_dir):
+    with running_llm(LLMSettings(model=tiny_model_dir, port=0)) as service:
+        yield service
 
 
 LIVE_GATEWAYS: set[GatewayServer] = set()

@@ -11,11 +11,9 @@ import grpc
 import httpx
 import pytest
 
-from conftest import GatewayServer, free_port, gateway_settings, running_encoder
+from conftest import GatewayServer, free_port, gateway_settings, running_encoder, running_llm
 from encoder_service.pull_store import PullStore
-from llm_service.engine import LLMEngine
 from llm_service.pull import EncoderPuller
-from llm_service.server import start as start_llm
 from helpers import data_url, video_chat
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, llm_pb2, llm_pb2_grpc, tensor_pb2
 from videollm import pull_files, transport
@@ -84,10 +82,8 @@ def test_a_miss_is_pulled_by_the_llm_and_answers_as_when_relayed(encoder_service
 @pytest.fixture
 def llm_over_grpc(tiny_model_dir):
     """An LLM service that shares no memory directory with the encoder: it pulls over gRPC."""
-    settings = LLMSettings(model=tiny_model_dir, port=0, pull_shm_dir="")
-    server, _, port = start_llm(settings, LLMEngine(settings))
-    yield f"127.0.0.1:{port}"
-    server.stop(None)
+    with running_llm(LLMSettings(model=tiny_model_dir, port=0, pull_shm_dir="")) as service:
+        yield service.address
 
 
 @pytest.fixture

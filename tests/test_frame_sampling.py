@@ -15,10 +15,8 @@ from hypothesis import given, settings, strategies as st
 from encoder_service.earlytom import tokens_per_frame
 from encoder_service.video_decode import VideoLimits, decode_video, sample_indices
 from bench.video import moving_frames
-from conftest import GatewayServer, gateway_settings
+from conftest import GatewayServer, gateway_settings, running_llm
 from helpers import data_url, encoder_calls, video_chat
-from llm_service.engine import LLMEngine
-from llm_service.server import start as start_llm
 from videollm.settings import LLMSettings
 from videos import make_vfr_video
 from encoder_service.frame_selection import Timeline, select
@@ -231,14 +229,9 @@ def test_every_bad_combination_is_a_400_naming_the_field(gateway, encoder_servic
 @pytest.fixture(scope="module")
 def short_context_gateway(tiny_model_dir, encoder_service, redis_server):
     """The stack with an LLM of 1,500 tokens of context."""
-    settings = LLMSettings(model=tiny_model_dir, port=0, max_context_tokens=1500)
-    server, _, port = start_llm(settings, LLMEngine(settings))
-    try:
-        with GatewayServer(gateway_settings([encoder_service.address], [f"127.0.0.1:{port}"],
-                                            redis_server.url)) as gateway:
+    with running_llm(LLMSettings(model=tiny_model_dir, port=0, max_context_tokens=1500)) as llm:
+        with GatewayServer(gateway_settings([encoder_service.address], [llm.address], redis_server.url)) as gateway:
             yield gateway
-    finally:
-        server.stop(None)
 
 
 def test_a_video_over_the_context_is_a_400_that_says_what_fits(short_context_gateway, clean_redis, ten_seconds):

@@ -11,11 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import GatewayServer, GrpcService, gateway_settings
+from conftest import GatewayServer, gateway_settings, running_llm
 from gateway.shared_flight import LOCK_TTL_MS, lock_key
 from helpers import data_url, encoder_calls, video_chat
-from llm_service.engine import LLMEngine
-from llm_service.server import start as start_llm
 from videollm.settings import LLMSettings
 from videos import make_video
 
@@ -81,11 +79,8 @@ def test_a_failed_encode_leaves_no_lock(two_gateways, clean_redis):
 
 @pytest.fixture(scope="module")
 def second_llm(tiny_model_dir):
-    settings = LLMSettings(model=tiny_model_dir, port=0)
-    engine = LLMEngine(settings)
-    server, _, port = start_llm(settings, engine)
-    yield GrpcService(f"127.0.0.1:{port}", engine, server)
-    server.stop(None)
+    with running_llm(LLMSettings(model=tiny_model_dir, port=0)) as service:
+        yield service
 
 
 def test_a_repeat_question_through_the_other_gateway_finds_its_prefix(encoder_service, llm_service, second_llm,

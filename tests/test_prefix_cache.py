@@ -6,14 +6,12 @@ import httpx
 import pytest
 import torch
 
-from conftest import GatewayServer, gateway_settings
+from conftest import GatewayServer, gateway_settings, running_llm
 from helpers import data_url, video_chat
-from llm_service.engine import Delta, GenerationRequest, LLMEngine
+from llm_service.engine import Delta, GenerationRequest
 from llm_service.prompt import VIDEO, Message
 from llm_service.sampling import SamplingParams
-from llm_service.server import start as start_llm
-from videollm.settings import InnerCompressionSettings
-from videollm.settings import LLMSettings
+from videollm.settings import InnerCompressionSettings, LLMSettings
 from videos import make_video
 
 
@@ -52,11 +50,8 @@ def test_a_different_prefix_or_stage_three_never_reuses(llm_service):
 
 @pytest.fixture
 def llm_without_prefix_cache(tiny_model_dir):
-    settings = LLMSettings(model=tiny_model_dir, port=0, prefix_cache_entries=0)
-    engine = LLMEngine(settings)
-    server, _, port = start_llm(settings, engine)
-    yield f"127.0.0.1:{port}", engine
-    server.stop(None)
+    with running_llm(LLMSettings(model=tiny_model_dir, port=0, prefix_cache_entries=0)) as service:
+        yield service.address, service.engine
 
 
 def test_rest_repeat_questions_skip_the_visual_tokens_and_match_answers_without_reuse(
@@ -85,15 +80,12 @@ def test_rest_repeat_questions_skip_the_visual_tokens_and_match_answers_without_
 def test_repeat_questions_are_routed_to_the_replica_that_holds_the_prefix(
     encoder_service, llm_service, tiny_model_dir, redis_server, clean_redis
 ):
-    settings = LLMSettings(model=tiny_model_dir, port=0)
-    other = LLMEngine(settings)
-    server, _, port = start_llm(settings, other)
-    try:
-        gateway_config = gateway_settings([encoder_service.address], [llm_service.address, f"127.0.0.1:{port}"],
+    with running_llm(LLMSettings(model=tiny_model_dir, port=0)) as other:
+        gateway_config = gateway_settings([encoder_service.address], [llm_service.address, other.address],
                                           redis_server.url)
         with GatewayServer(gateway_config) as gateway:
             video = data_url(make_video("mp4", seed=92))
-            engines = [llm_service.engine, other]
+            engines = [llm_service.engine, other.engine]
             before = [e.generations_completed for e in engines]
             hits = [e.prefixes.hits for e in engines]
             for question in ["one", "two", "three", "four"]:
@@ -103,8 +95,6 @@ def test_repeat_questions_are_routed_to_the_replica_that_holds_the_prefix(
             assert sorted(served) == [0, 4]  # every question went to the same replica
             holder = served.index(4)
             assert engines[holder].prefixes.hits - hits[holder] == 3
-    finally:
-        server.stop(None)
 
 
 def _redis_calls(redis_server, command: str) -> int:
