@@ -170,7 +170,7 @@ def serve(settings: EncoderSettings) -> None:
     server, health, _ = start(settings, servicer=servicer)
     serve_metrics(encoder_registry(servicer.engine), settings.host, settings.metrics_port)
     try:
-        run_until_signalled(server, health, [SERVICE_NAME])
+        run_until_signalled(server, health, [SERVICE_NAME], settings.drain_s)
     finally:
         servicer.pulls.close()  # no token files left in shared memory
         servicer.engine.close()

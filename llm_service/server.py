@@ -176,4 +176,4 @@ def serve(settings: LLMSettings) -> None:
     engine = LLMEngine(settings)
     server, health, _ = start(settings, engine)
     serve_metrics(llm_registry(engine), settings.host, settings.metrics_port)
-    run_until_signalled(server, health, [SERVICE_NAME])
+    run_until_signalled(server, health, [SERVICE_NAME], settings.drain_s)

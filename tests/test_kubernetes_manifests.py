@@ -511,6 +511,11 @@ def check_gpus_and_grace(objects) -> list[str]:
                 if grace <= timeout + prestop_sleep_s(c):
                     problems.append(f"{name}: terminationGracePeriodSeconds {grace} <= request_timeout_s "
                                     f"{timeout} + preStop {prestop_sleep_s(c)} s")
+                drain = settings_from(SETTINGS[name], env_of(objects, w)).drain_s
+                if drain < timeout:  # the process would exit before its longest answer ends
+                    problems.append(f"{name}: drain_s {drain} < request_timeout_s {timeout}")
+                if grace <= drain + prestop_sleep_s(c):
+                    problems.append(f"{name}: terminationGracePeriodSeconds {grace} <= drain_s {drain} + preStop")
                 if prestop_sleep_s(c) < 5:
                     problems.append(f"{name}: no preStop pause for the endpoints to drain")
         if name in GRPC_SERVICE:
@@ -642,6 +647,8 @@ BREAKAGES = {
         terminationGracePeriodSeconds=600)),
     "timeout": (check_gpus_and_grace, lambda o: named(o, "ConfigMap", "videollm-gateway")["data"].update(
         VIDEOLLM_GATEWAY_REQUEST_TIMEOUT_S="900")),
+    "drain": (check_gpus_and_grace, lambda o: named(o, "ConfigMap", "videollm-llm")["data"].update(
+        VIDEOLLM_LLM_DRAIN_S="30")),
 }
 
 

@@ -35,7 +35,7 @@ def non_default_values(tiny_model_dir: Path, redis_url: str, shm_dir: Path) -> d
         "direct_pull": False, "fetch_urls": True, "fetch_timeout_s": 12.0, "fetch_allow": ["10.1.2.0/24"],
         # encoder and LLM
         "model": str(tiny_model_dir), "device": "cpu:0", "dtype": "float32", "max_concurrent": 5,
-        "pull_shm_dir": str(shm_dir),
+        "pull_shm_dir": str(shm_dir), "drain_s": 12.0,
         # gateway and encoder
         "video_store_dir": str(shm_dir / "videos"),
         # encoder
@@ -54,7 +54,7 @@ def non_default_values(tiny_model_dir: Path, redis_url: str, shm_dir: Path) -> d
 # the settings that several services own: each of them gets the flag's value
 SHARED = {"model": ("encoder", "llm"), "device": ("encoder", "llm"), "dtype": ("encoder", "llm"),
           "max_concurrent": ("encoder", "llm"), "pull_shm_dir": ("gateway", "encoder", "llm"),
-          "video_store_dir": ("gateway", "encoder")}
+          "video_store_dir": ("gateway", "encoder"), "drain_s": ("gateway", "encoder", "llm")}
 
 
 def as_argv(flag, value) -> list[str]:

@@ -44,7 +44,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
     settings = service_settings("gateway", args)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level.lower(),
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=settings.drain_s)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

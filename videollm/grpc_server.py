@@ -90,7 +90,7 @@ def start_service(settings, max_message_bytes: int, register, service_name: str,
     return server, health_servicer, port
 
 
-def run_until_signalled(server: grpc.Server, health_servicer: health.HealthServicer, names: list[str], grace_s: float = 30.0) -> None:
+def run_until_signalled(server: grpc.Server, health_servicer: health.HealthServicer, names: list[str], grace_s: float) -> None:
     """Serve until SIGTERM/SIGINT, then report NOT_SERVING and drain in-flight calls."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

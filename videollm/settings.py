@@ -131,6 +131,8 @@ class _ServiceSettings(BaseSettings):
     tls_cert: Path | None = Field(None, description="PEM certificate chain: serve gRPC over TLS")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
     tls_client_ca: Path | None = Field(None, description="PEM CA bundle: require client certificates (mutual TLS)")
+    drain_s: float = Field(30.0, ge=0, description="after SIGTERM: how long the answers in flight may take to "
+                           "finish before the process exits (a pod's terminationGracePeriodSeconds must be longer)")
     pull_shm_dir: str = Field("/dev/shm", description="shared-memory directory of same-host hand-offs: an encoder "
                               "leaves token tensors there for an LLM and takes the videos a gateway left there; the "
                               "services must name the same one ('' = off: both go over gRPC)")
@@ -259,6 +261,8 @@ class GatewaySettings(BaseSettings):
                               "encoder (one hop instead of two); off whenever grpc_tls_ca is set")
     grpc_tls_cert: Path | None = Field(None, description="PEM client certificate for mutual TLS")
     grpc_tls_key: Path | None = Field(None, description="PEM private key of grpc_tls_cert")
+    drain_s: float = Field(30.0, ge=0, description="after SIGTERM: how long the answers in flight may take to "
+                           "finish before the process exits (a pod's terminationGracePeriodSeconds must be longer)")
     pull_shm_dir: str = Field("/dev/shm", description="shared-memory directory of same-host hand-offs: a miss's video "
                               "is left there for an encoder on this host to take without gRPC (the encoder's "
                               "pull_shm_dir must name the same one; encoders elsewhere get the bytes; '' = off)")
