@@ -22,7 +22,7 @@ from encoder_service import hdr
 from encoder_service.admission import FramesInFlight
 from encoder_service.tower_batcher import TowerBatcher, TowerJob
 from encoder_service.video_decode import DecodedVideo, VideoLimits, decode_video
-from encoder_service.vision import CompressionTrace, EncodeTimings, VisionEncoder, VisionOutput
+from encoder_service.vision import CompressionTrace, EncodeTimings, VisionEncoder, VisionOutput, in_chunks
 from videollm.checkpoint import check_model_dir, model_identity
 from videollm.flops import encoder_flops
 from videollm.frame_sampling import FrameSampling, retain_for_budget
@@ -177,28 +177,28 @@ class EncoderEngine:
         """Resize and normalise the frames, a chunk at a time (on a GPU there, on a stream of this
         thread's own so that it overlaps the tower's work) -> the tower's job."""
         key = self.vision.schedule(settings)
-        chunks = range(0, len(decoded.frames), self.settings.chunk_frames)
         if self.vision.device.type != "cuda":
-            pixels = [self.processor(videos=[decoded.frames[i : i + self.settings.chunk_frames]],
-                                     return_tensors="pt")["pixel_values_videos"][0] for i in chunks]
-            return TowerJob(torch.cat(pixels) if len(pixels) > 1 else pixels[0], settings, key)  # [T, 3, H, W]
+            def pixels_of(frames: np.ndarray) -> torch.Tensor:  # [c, H, W, 3] -> [c, 3, H, W]
+                return self.processor(videos=[frames], return_tensors="pt")["pixel_values_videos"][0]
+
+            pixels = in_chunks(pixels_of, decoded.frames, self.settings.chunk_frames)  # [T, 3, H, W]
+            return TowerJob(pixels, settings, key)
         stream = torch.cuda.Stream(self.vision.device)
         with torch.cuda.stream(stream):
-            pixels = [self._pixels_on_gpu(decoded, i) for i in chunks]
-            pixels = torch.cat(pixels) if len(pixels) > 1 else pixels[0]  # [T, 3, H, W]
+            pixels = in_chunks(lambda frames: self._pixels_on_gpu(frames, decoded.hdr_transfer), decoded.frames,
+                               self.settings.chunk_frames)  # [T, 3, H, W]
             ready = torch.cuda.Event()
             ready.record(stream)
         return TowerJob(pixels, settings, key, ready=ready)
 
-    def _pixels_on_gpu(self, decoded: DecodedVideo, first: int) -> torch.Tensor:
-        """One chunk of frames, from `first` on, as pixels on the GPU [c, 3, H, W]: the frames as they
-        are, [c, H, W, 3], to the GPU in one copy from page-locked memory; the processor then makes
-        them channels-first there (given an array, it does that on the CPU: a strided copy of 200 MB
-        for 32 frames of 1080p, before a copy from pageable memory)."""
-        chunk = decoded.frames[first : first + self.settings.chunk_frames]
+    def _pixels_on_gpu(self, chunk: np.ndarray, hdr_transfer: int | None) -> torch.Tensor:
+        """A chunk of frames [c, H, W, 3] as pixels on the GPU [c, 3, H, W]: the frames as they are to
+        the GPU in one copy from page-locked memory; the processor then makes them channels-first
+        there (given an array, it does that on the CPU: a strided copy of 200 MB for 32 frames of
+        1080p, before a copy from pageable memory)."""
         frames = torch.from_numpy(chunk).to(self.vision.device, non_blocking=True)
-        if decoded.hdr_transfer is not None:  # [c, H, W, 3] uint16 HDR -> uint8 SDR
-            frames = hdr.to_sdr(frames, decoded.hdr_transfer)
+        if hdr_transfer is not None:  # [c, H, W, 3] uint16 HDR -> uint8 SDR
+            frames = hdr.to_sdr(frames, hdr_transfer)
         return self.processor(videos=[frames], return_tensors="pt", input_data_format="channels_last",
                               device=self.vision.device)["pixel_values_videos"][0]
 

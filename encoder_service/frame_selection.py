@@ -29,6 +29,17 @@ class Timeline:
         return max(0, bisect.bisect_right(self.times_s, t + 1e-9) - 1)
 
 
+def evenly(first: int, last: int, count: int) -> list[int]:
+    """`count` frame indices evenly spaced by index from first to last: floor(linspace(first, last, count)),
+    LLaVA-OneVision's evaluation sampling."""
+    return np.floor(np.linspace(first, last, count)).astype(np.int64).tolist()
+
+
+def sample_indices(n_frames: int, count: int) -> list[int]:
+    """`count` frames evenly over a whole clip of n_frames."""
+    return evenly(0, n_frames - 1, count)
+
+
 @dataclass(frozen=True)
 class Selection:
     indices: list[int]  # the sampled frames, in order (a frame may repeat)
@@ -62,16 +73,13 @@ def select(sampling: FrameSampling, timeline: Timeline) -> Selection:
     serve it (a window past its end, fps above its frame rate, no timestamps for a time request)."""
     windowed = sampling.start_s is not None or sampling.end_s is not None
     if sampling.fps is None and not windowed:  # the whole clip by count: LLaVA-OneVision's own sampling
-        span = timeline.duration_s
-        indices = np.floor(np.linspace(0, timeline.frames - 1, sampling.num_frames)).astype(np.int64).tolist()
-        return Selection(indices, 0.0, span)
+        return Selection(sample_indices(timeline.frames, sampling.num_frames), 0.0, timeline.duration_s)
     _needs_times(timeline, "videollm.fps" if sampling.fps is not None else "videollm.start_s")
     start, end = _window(sampling, timeline)
     if sampling.fps is None:
         first = timeline.shown_at(start)
         last = max(first, bisect.bisect_left(timeline.times_s, end - 1e-9) - 1)  # the last frame starting before end
-        indices = np.floor(np.linspace(first, last, sampling.num_frames)).astype(np.int64).tolist()
-        return Selection(indices, start, end)
+        return Selection(evenly(first, last, sampling.num_frames), start, end)
     if sampling.fps > timeline.fps * (1 + 1e-6):
         raise SamplingError(f"{sampling.fps:g} is above the video's frame rate ({timeline.fps:.3f} fps)",
                             "videollm.fps")

@@ -42,7 +42,7 @@ from encoder_service.demux import (UNSPECIFIED, ColorTags, Index, demux, header_
                                    video_stream)
 from encoder_service.errors import VideoError
 from encoder_service.orientation import Orientation
-from encoder_service.frame_selection import select
+from encoder_service.frame_selection import sample_indices, select
 from videollm.frame_sampling import FrameSampling
 
 
@@ -79,10 +79,6 @@ class DecodedVideo:
     hdr_transfer: int | None = None  # set when `frames` are uint16 HDR R'G'B' still to tone-map (hdr.to_sdr)
     timestamps_s: list[float] | None = None  # when each sampled frame is shown, from the first frame
     window_s: tuple[float, float] = (0.0, 0.0)  # the part of the video sampled from, in seconds
-
-
-def sample_indices(n_frames: int, num_samples: int) -> list[int]:
-    return np.floor(np.linspace(0, n_frames - 1, num_samples)).astype(np.int64).tolist()
 
 
 def _pixels(frame, stream: ColorTags, tone_map: bool) -> np.ndarray:

@@ -333,11 +333,7 @@ class VisionEncoder:
         return outputs
 
     def _in_chunks(self, run: Callable[[torch.Tensor], torch.Tensor], frames: torch.Tensor) -> torch.Tensor:
-        """run over frames [T, ...] in chunks of chunk_frames, joined: run(frames) for any per-frame
-        step, without the activations of more than a chunk at once."""
-        if frames.shape[0] <= self.chunk_frames:
-            return run(frames)
-        return torch.cat([run(frames[i : i + self.chunk_frames]) for i in range(0, frames.shape[0], self.chunk_frames)])
+        return in_chunks(run, frames, self.chunk_frames)
 
     def _select(self, flow: _Flow, features: torch.Tensor) -> VisionOutput:
         """Stage II for one request: features [T', 196, D_llm] -> its VisionOutput (tokens, trace)."""
@@ -363,6 +359,15 @@ class VisionEncoder:
             prune_layers=list(self.schedule(settings).prune),
         )
         return VisionOutput(tokens=tokens, frames=flow.frames, trace=trace)
+
+
+def in_chunks(run: Callable, frames, chunk_frames: int) -> torch.Tensor:
+    """run over frames [T, ...] (a tensor or an array) in chunks of chunk_frames, joined along the
+    first dimension: run(frames) for any per-frame step, without the activations of more than a
+    chunk at once."""
+    if frames.shape[0] <= chunk_frames:
+        return run(frames)
+    return torch.cat([run(frames[i : i + chunk_frames]) for i in range(0, frames.shape[0], chunk_frames)])
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
