@@ -1,13 +1,17 @@
-"""Replica pools: gRPC channels to every encoder and LLM address, and the choice of one per call.
+"""Replica pools: a gRPC channel to every encoder and LLM replica, and the choice of one per call.
 
-A call goes to the replica with the fewest calls in flight from this gateway (ties broken round
-robin), skipping replicas whose last call failed with UNAVAILABLE for a short while; a call that
-finds its replica unreachable moves on to the next candidate. A repeat question about a video
-prefers the LLM replica that answered about it last (PrefixHolders): it holds the video's prefix.
+Which replicas there are is discovery.py's job (it updates the pool as names resolve to other
+addresses, and marks replicas that fail their health check). A call goes to the replica with the
+fewest calls in flight from this gateway (ties broken round robin), skipping replicas that are not
+serving or whose last call failed with UNAVAILABLE a short while ago; a call that finds its replica
+unreachable moves on to the next candidate. A repeat question about a video prefers the LLM
+replica that answered about it last (PrefixHolders), else the one every gateway computes for it
+(home): it holds the video's prefix.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import json
@@ -16,7 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -39,7 +43,8 @@ class Replica:
     channel: grpc.aio.Channel
     stub: object
     in_flight: int = 0
-    down_until: float = 0.0
+    down_until: float = 0.0  # after a call failed with UNAVAILABLE
+    healthy: bool | None = None  # its last health check (discovery.py); None until the first
     order: int = 0
     takes_video_files: bool | None = None  # an encoder on this host? None until its first Encode says
     shares_video_store: bool | None = None  # an encoder that sees our video store? None until it says
@@ -62,11 +67,19 @@ class Replica:
         return json.loads(info.settings_json or "{}")
 
 
-@dataclass
 class ReplicaPool:
-    kind: str  # "encoder" | "LLM", for messages
-    replicas: list[Replica]
-    _turn: itertools.count = field(default_factory=itertools.count)
+    def __init__(self, kind: str, stub_cls, max_message_bytes: int,
+                 credentials: grpc.ChannelCredentials | None = None, close_grace_s: float = 600.0):
+        self.kind = kind  # "encoder" | "LLM", for messages
+        self.replicas: list[Replica] = []
+        self._stub_cls = stub_cls
+        self._credentials = credentials
+        self._options = [("grpc.max_receive_message_length", max_message_bytes),
+                         ("grpc.max_send_message_length", max_message_bytes)]
+        self._close_grace_s = close_grace_s  # how long a gone replica's calls in flight may still finish
+        self._closing: set[asyncio.Task] = set()
+        self._turn = itertools.count()
+        self._created = itertools.count()
 
     @staticmethod
     def credentials(ca, cert, key) -> grpc.ChannelCredentials | None:
@@ -83,21 +96,33 @@ class ReplicaPool:
             certificate_chain=Path(cert).read_bytes() if cert else None,
         )
 
-    @classmethod
-    def connect(cls, kind: str, addresses: list[str], stub_cls, max_message_bytes: int,
-                credentials: grpc.ChannelCredentials | None = None) -> ReplicaPool:
-        options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            # a DNS name with several addresses (a scaled Compose service) is balanced per call
-            ("grpc.lb_policy_name", "round_robin"),
-        ]
-        replicas = []
-        for address in addresses:
-            channel = (grpc.aio.secure_channel(address, credentials, options=options) if credentials
-                       else grpc.aio.insecure_channel(address, options=options))
-            replicas.append(Replica(address, channel, stub_cls(channel)))
-        return cls(kind, replicas)
+    def update(self, addresses: dict[str, str]) -> None:
+        """Make the replicas those of `addresses` (address -> the name TLS verifies, the one it was
+        resolved from): new ones get a channel, gone ones get no more calls and their channels close
+        once their calls in flight have finished (or after close_grace_s)."""
+        kept = [r for r in self.replicas if r.address in addresses]
+        for gone in (r for r in self.replicas if r.address not in addresses):
+            log.info("%s %s is gone; it gets no more calls", self.kind, gone.address)
+            self._close_later(gone)
+        known = {r.address for r in kept}
+        for address, name in addresses.items():
+            if address not in known:
+                kept.append(self._connect(address, name))
+                log.info("%s %s joins", self.kind, address)
+        self.replicas = kept
+
+    def _connect(self, address: str, name: str) -> Replica:
+        if self._credentials is None:
+            channel = grpc.aio.insecure_channel(address, options=self._options)
+        else:  # the certificate names the service, not the pod's address
+            channel = grpc.aio.secure_channel(address, self._credentials,
+                                              options=[*self._options, ("grpc.ssl_target_name_override", name)])
+        return Replica(address, channel, self._stub_cls(channel), order=next(self._created))
+
+    def _close_later(self, replica: Replica) -> None:
+        task = asyncio.create_task(replica.channel.close(grace=self._close_grace_s))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def pick(self, exclude: set[str] = frozenset(), prefer: str | None = None) -> Replica | None:
         """The least loaded replica; `prefer` (e.g. the holder of a cached prefix) wins when it is up
@@ -106,20 +131,22 @@ class ReplicaPool:
         candidates = [r for r in self.replicas if r.address not in exclude]
         if not candidates:
             return None
-        up = [r for r in candidates if r.down_until <= now] or candidates
+        # a replica that is not serving may still be the only one left: then it is tried anyway
+        up = [r for r in candidates if r.down_until <= now and r.healthy is not False] or candidates
         turn = next(self._turn)
-        least = min(up, key=lambda r: (r.in_flight, (r.order - turn) % len(self.replicas)))
+        least = min(up, key=lambda r: (r.in_flight, (r.order - turn) % len(candidates)))
         for replica in up:
             if replica.address == prefer and replica.in_flight <= least.in_flight + PREFER_SLACK:
                 return replica
         return least
 
-    def home(self, key: str) -> str:
-        """The replica every gateway picks for `key` from the same replicas, whatever its order in the
-        settings: the highest of hash(key, address) (rendezvous hashing, so that a replica added or
-        gone moves only its own share of keys)."""
+    def home(self, key: str) -> str | None:
+        """The replica every gateway picks for `key` from the same replicas, whatever order it found them
+        in: the highest of hash(key, address) (rendezvous hashing, so that a replica added or gone moves
+        only its own share of keys). None while there is no replica."""
         return max(sorted(r.address for r in self.replicas),
-                   key=lambda address: hashlib.blake2b(f"{key}\n{address}".encode(), digest_size=8).digest())
+                   key=lambda address: hashlib.blake2b(f"{key}\n{address}".encode(), digest_size=8).digest(),
+                   default=None)
 
     def candidates(self, prefer: str | None = None) -> Iterator[Replica]:
         """The replicas to try one after another for a call, each at most once (see pick)."""
@@ -164,13 +191,11 @@ class ReplicaPool:
             raise
         self.release(replica)
 
-    def __post_init__(self):
-        for order, replica in enumerate(self.replicas):
-            replica.order = order
-
     async def close(self) -> None:
         for replica in self.replicas:
             await replica.channel.close()
+        for task in list(self._closing):
+            task.cancel()
 
 
 class PrefixHolders:

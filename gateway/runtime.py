@@ -1,5 +1,6 @@
 """What the gateway holds while it runs (the app's `state.runtime`): Redis, the video store (and
-its expiry sweep), the replica pools, the pipeline, and the count of chat completions in progress."""
+its expiry sweep), the replica pools and their discovery, the pipeline, and the count of chat
+completions in progress."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from gateway.backends import ReplicaPool
 from gateway.cache import RedisStore, TokenCache
+from gateway.discovery import Discovery, Resolver, Target, resolve_dns
 from gateway.errors import APIError
 from gateway.fetch import FetchPolicy
 from gateway.metrics import GatewayMetrics
@@ -32,6 +34,9 @@ class Runtime:
         self.fetch_policy = FetchPolicy.parse(settings.fetch_urls, settings.max_inline_bytes, settings.fetch_timeout_s,
                                               settings.fetch_allow)
         self.video_store = VideoStore(Path(settings.video_store_dir), settings.upload_ttl_s)  # fails early if unusable
+        self.targets = {"encoders": [Target.parse(a) for a in settings.encoders],  # a bad address fails here
+                        "llms": [Target.parse(a) for a in settings.llms]}
+        self.resolve: Resolver = resolve_dns  # what turns a name into replica addresses (tests swap it)
         self.in_flight = 0  # chat completions in progress
         self._sweeping: asyncio.Task | None = None
 
@@ -43,8 +48,12 @@ class Runtime:
         self._sweeping = asyncio.create_task(self.video_store.sweep_every(min(SWEEP_EVERY_S, settings.upload_ttl_s)))
         tls = ReplicaPool.credentials(settings.grpc_tls_ca, settings.grpc_tls_cert, settings.grpc_tls_key)
         # videos go to encoders in chunks (or by file), tokens come back in chunks: no message is large
-        self.encoders = ReplicaPool.connect("encoder", settings.encoders, transport.encoder_stub, 16 * MiB, tls)
-        self.llms = ReplicaPool.connect("LLM", settings.llms, transport.llm_stub, 16 * MiB, tls)
+        grace = settings.request_timeout_s  # a gone replica's calls in flight may finish
+        self.encoders = ReplicaPool("encoder", transport.encoder_stub, 16 * MiB, tls, grace)
+        self.llms = ReplicaPool("LLM", transport.llm_stub, 16 * MiB, tls, grace)
+        self.discovery = Discovery([(self.encoders, self.targets["encoders"]), (self.llms, self.targets["llms"])],
+                                   settings.resolve_interval_s, self.resolve)
+        await self.discovery.start()
         cache = TokenCache(self.store, settings.cache_ttl_s, settings.cache_max_entry_bytes,
                            self.metrics.cache_skipped.inc)
         self.pipeline = Pipeline(settings, self.encoders, self.llms, cache)
@@ -56,6 +65,7 @@ class Runtime:
             self._sweeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeping
+        await self.discovery.close()
         await self.pipeline.close()
         await self.encoders.close()
         await self.llms.close()

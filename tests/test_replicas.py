@@ -47,6 +47,11 @@ def test_requests_are_spread_over_replicas_and_one_lost_replica_is_survived(
         generations = [llm_service.engine.generations_completed, llm_engine2.generations_completed]
         for seed in range(60, 64):
             assert ask(gateway.url, seed).status_code == 200
+        # a video's questions go to its home LLM (all four may share one); questions without a video
+        # have no home and take turns
+        for _ in range(2):
+            text = {"model": "videollm", "messages": [{"role": "user", "content": "Hello?"}], "max_tokens": 2}
+            assert httpx.post(f"{gateway.url}/v1/chat/completions", json=text, timeout=60).status_code == 200
         assert encoder_service.engine.encodes_completed > encodes[0]
         assert encoder_engine2.encodes_completed > encodes[1]
         assert llm_service.engine.generations_completed > generations[0]

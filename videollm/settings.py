@@ -235,8 +235,13 @@ class GatewaySettings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         [], repr=False, description="keys clients send as 'Authorization: Bearer <key>'; empty = no authentication"
     )
-    encoders: Annotated[list[str], NoDecode] = Field(["127.0.0.1:50051"], description="encoder addresses host:port")
-    llms: Annotated[list[str], NoDecode] = Field(["127.0.0.1:50052"], description="LLM addresses host:port")
+    encoders: Annotated[list[str], NoDecode] = Field(
+        ["127.0.0.1:50051"], description="encoder addresses host:port (or dns:///host:port); a name is resolved "
+        "every resolve_interval_s and each of its addresses is a replica (each pod of a headless Service)")
+    llms: Annotated[list[str], NoDecode] = Field(["127.0.0.1:50052"], description="LLM addresses, as encoders")
+    resolve_interval_s: float = Field(3.0, gt=0, description="how often the encoder and LLM names are resolved "
+                                      "again (new pods get calls, gone ones stop getting them) and every "
+                                      "replica's health is checked")
     redis_url: str | None = Field(
         None, validation_alias=AliasChoices("REDIS_URL", "VIDEOLLM_GATEWAY_REDIS_URL", "redis_url"),
         description="redis://host:port/db of the cache (also $REDIS_URL); none = no cache "
