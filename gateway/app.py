@@ -5,7 +5,8 @@ read) -> limits.py (the body's size) -> schemas.py (the body's shape) -> chat.py
 openai_format.py (REST -> ChatRequest) -> pipeline.py (resolve, cache, encode, generate) -> chat.py
 and openai_format.py (the answer, whole or streamed). Every error leaves in OpenAI's shape with a
 fitting status code (errors.py). The other routes are in routes.py (uploads streamed to the video
-store: uploads.py, video_store.py); what the app holds while it runs, in runtime.py.
+store: uploads.py, video_store.py); what the app holds while it runs, in runtime.py; the demo
+page, in demo.py and static/.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fastapi import FastAPI
 
 from gateway import chat, routes
 from gateway.auth import APIKeyAuth
+from gateway.demo import PAGE_PATHS, install_demo
 from gateway.errors import install_error_handlers
 from gateway.limits import BodySizeLimit
 from gateway.metrics import GatewayMetrics
@@ -40,13 +42,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, upload_path=routes.UPLOAD_PATH,
                        max_upload_body_bytes=settings.max_upload_body_bytes, max_upload_bytes=settings.max_upload_bytes)
     if settings.api_keys:  # added last = outermost: a 401 goes out before the body is read or size-checked
-        app.add_middleware(APIKeyAuth, keys=settings.api_keys)
-        log.info("API keys required on every route but /health, /ready and /metrics (%d configured)",
-                 len(settings.api_keys))
+        app.add_middleware(APIKeyAuth, keys=settings.api_keys, open_paths=PAGE_PATHS)
+        log.info("API keys required on every route but /health, /ready, /metrics and the demo page's files "
+                 "(%d configured)", len(settings.api_keys))
     app.state.settings = settings
     app.state.metrics = runtime.metrics
     app.state.runtime = runtime
     install_error_handlers(app)
     app.include_router(chat.router)
     app.include_router(routes.router)
+    install_demo(app)
     return app

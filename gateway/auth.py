@@ -2,7 +2,7 @@
 
 It runs outside the routes and never calls `receive`, so a request without a valid key gets its
 401 before a byte of its body is read or parsed. Every path needs a key except OPEN_PATHS (the
-probes and the metrics scrape). Keys are compared in constant time: SHA-256 digests of the key
+probes and the metrics scrape) and the paths the app adds (the demo page's static files). Keys are compared in constant time: SHA-256 digests of the key
 sent and of every configured key go through hmac.compare_digest, all of them, with no early exit,
 so neither which key matched nor a key's length shows in the timing. The key sent is never logged
 nor echoed.
@@ -24,10 +24,11 @@ def _digest(value: bytes) -> bytes:
 
 
 class APIKeyAuth:
-    def __init__(self, app, keys: list[str]):
+    def __init__(self, app, keys: list[str], open_paths: frozenset[str] = frozenset()):
         if not keys:
             raise ValueError("APIKeyAuth needs at least one key")
         self.app = app
+        self.open_paths = OPEN_PATHS | open_paths
         self._digests = [_digest(key.encode()) for key in keys]
 
     def authorized(self, headers) -> str | None:
@@ -48,7 +49,7 @@ class APIKeyAuth:
         return None if valid else f"incorrect API key provided; {HOW}"
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in self.open_paths:
             return await self.app(scope, receive, send)
         reason = self.authorized(scope.get("headers", []))
         if reason is None:

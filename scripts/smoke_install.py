@@ -83,7 +83,11 @@ def main() -> int:
         assert text and cache_state == "miss" and report["frames"] == 8, (text, report)
         text, report, cache_state = ask(base, video_id, stream=False)
         assert text and cache_state == "hit", (text, cache_state)
-        print(f"smoke: installed videollm serve answered {len(text)} characters; the repeat was a cache hit")
+        for page in ("/demo/", "/demo/demo.js", "/demo/demo.css"):  # the demo page's files ship in the package
+            with urllib.request.urlopen(base + page, timeout=30) as response:
+                assert response.status == 200 and response.read(), page
+        print(f"smoke: installed videollm serve answered {len(text)} characters; the repeat was a cache hit; "
+              "the demo page is served")
     finally:
         process.send_signal(signal.SIGINT)
         code = process.wait(60)
