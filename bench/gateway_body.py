@@ -65,10 +65,10 @@ def fastapi_default(body: bytes, max_bytes: int) -> str:
 def served(body: bytes, max_bytes: int) -> str:
     """The gateway's handling as it is served now, from the body's bytes to the video's sha256."""
     from gateway.body import parse_chat_body
-    from gateway.videos import decode_data_url
+    from gateway.videos import Video, decode_data_url
 
     video_url = parse_chat_body(body).messages[0].content[0].video_url
-    return decode_data_url(video_url.url, max_bytes, video_url.payload).sha256
+    return Video.of(decode_data_url(video_url.url, max_bytes, video_url.payload)).sha256
 
 
 def read_body(body: bytes, request_class) -> Callable[[], None]:

@@ -20,12 +20,13 @@ import torch
 
 from encoder_service import hdr
 from encoder_service.admission import FramesInFlight
+from encoder_service.image_frames import decode_images
 from encoder_service.tower_batcher import TowerBatcher, TowerJob
 from encoder_service.video_decode import DecodedVideo, VideoLimits, decode_video
 from encoder_service.vision import CompressionTrace, EncodeTimings, VisionEncoder, VisionOutput, in_chunks
 from videollm.checkpoint import check_model_dir, model_identity
 from videollm.flops import encoder_flops
-from videollm.frame_sampling import FrameSampling, retain_for_budget
+from videollm.frame_sampling import FrameSampling, SamplingError, retain_for_budget
 from videollm.settings import CompressionSettings, EncoderSettings
 
 
@@ -81,10 +82,18 @@ class EncoderEngine:
         return sampling.resolve(self.settings.default_frames, self.settings.max_frames)
 
     def encode(self, video: bytes | mmap.mmap, sampling: int | FrameSampling = 0,
-               compression: CompressionSettings | None = None, max_visual_tokens: int = 0) -> EncodeResult:
+               compression: CompressionSettings | None = None, max_visual_tokens: int = 0,
+               image_sizes: list[int] | None = None) -> EncodeResult:
         """compression None means the server's default settings; max_visual_tokens > 0 caps the
-        visual tokens (frame_sampling.retain_for_budget). Raises SamplingError for a sampling or
-        budget this video cannot serve, VideoError for a video that cannot be read."""
+        visual tokens (frame_sampling.retain_for_budget). image_sizes: `video` is that many still
+        images back to back, every one a frame (image_frames.py; `sampling` is then theirs).
+        Raises SamplingError for a sampling or budget this video cannot serve, VideoError for a
+        video that cannot be read."""
+        if image_sizes:
+            if len(image_sizes) > self.settings.max_frames:
+                raise SamplingError(f"{len(image_sizes)} images were sent as frames; this encoder takes at most "
+                                    f"{self.settings.max_frames} frames a request", "messages")
+            sampling = FrameSampling(num_frames=len(image_sizes))
         sampling = self.resolve_sampling(sampling)
         settings = compression or self.settings.compression
         if not self._admission.acquire(blocking=False):
@@ -92,14 +101,14 @@ class EncoderEngine:
         with self._count_lock:
             self.requests_in_flight += 1
         try:
-            return self._encode(video, sampling, settings, max_visual_tokens)
+            return self._encode(video, sampling, settings, max_visual_tokens, image_sizes)
         finally:
             with self._count_lock:
                 self.requests_in_flight -= 1
             self._admission.release()
 
     def _encode(self, video: bytes | mmap.mmap, sampling: FrameSampling, settings: CompressionSettings,
-                max_visual_tokens: int) -> EncodeResult:
+                max_visual_tokens: int, image_sizes: list[int] | None) -> EncodeResult:
         start = time.perf_counter()
         taken, waited_ms = 0, 0.0
 
@@ -114,9 +123,11 @@ class EncoderEngine:
             taken, waited_ms = len(indices), (time.perf_counter() - mark) * 1e3
 
         try:
-            # on a GPU, HDR frames cross as 16-bit R'G'B' and are tone-mapped there (_preprocess)
-            decoded = decode_video(video, sampling, self.limits, self._allocate_frames,
-                                   tone_map=self.vision.device.type != "cuda", admit=admit)
+            if image_sizes:
+                decoded = decode_images(video, image_sizes, self.limits, self._allocate_frames, admit)
+            else:  # on a GPU, HDR frames cross as 16-bit R'G'B' and are tone-mapped there (_preprocess)
+                decoded = decode_video(video, sampling, self.limits, self._allocate_frames,
+                                       tone_map=self.vision.device.type != "cuda", admit=admit)
             num_frames = len(decoded.frame_indices)
             decode_ms = (time.perf_counter() - start) * 1e3 - waited_ms
 

@@ -110,7 +110,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             compression = compression_from_proto(request.compression, self.engine.settings.compression)
             sampling = sampling_from_proto(request.sampling)
             video = self._video(first, inputs, context)  # after the settings: a bad one is refused before the video
-            result = self.engine.encode(video, sampling, compression, request.max_visual_tokens)
+            result = self.engine.encode(video, sampling, compression, request.max_visual_tokens,
+                                        list(request.image_sizes))
         except SamplingError as err:
             context.set_trailing_metadata(((transport.PARAM_METADATA, err.param),))  # the REST field at fault
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))

@@ -8,6 +8,7 @@ stream ends with the finish reason and the `videollm` object (then the usage, if
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -21,6 +22,7 @@ from gateway.requests import Outcome
 from gateway.runtime import Runtime
 from gateway.schemas import ChatCompletionRequest
 
+log = logging.getLogger(__name__)
 router = APIRouter(route_class=ChatRoute)
 
 
@@ -28,12 +30,13 @@ router = APIRouter(route_class=ChatRoute)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     received_at = time.perf_counter()
     rt: Runtime = request.app.state.runtime
-    model = rt.settings.model_name
-    if body.model != model:
-        raise APIError(404, f"the model {body.model!r} does not exist; use {model!r}", "not_found_error",
-                       param="model", code="model_not_found")
+    models = rt.settings.preset_models()
+    if body.model not in models:
+        raise APIError(404, f"the model {body.model!r} does not exist; use one of {', '.join(models)} (GET /v1/models)",
+                       "not_found_error", param="model", code="model_not_found")
+    model = body.model
     rt.check_capacity()
-    chat = await to_chat_request(body, rt.videos)
+    chat = await to_chat_request(body, rt.videos, models[model])
     chat.received_at = received_at
     chat.deadline = time.monotonic() + rt.settings.request_timeout_s
     outcome = Outcome(arrived_at=request.state.arrived_at)
@@ -55,10 +58,28 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     finally:
         rt.leave()
     if not answered:
-        rt.metrics.record_chat(outcome, received_at, "499")
+        finished(rt, completion, outcome, "499")
         return Response(status_code=499)
-    rt.metrics.record_chat(outcome, received_at, "200")
+    finished(rt, completion, outcome, "200")
     return JSONResponse(completion.whole("".join(text), outcome), headers=headers)
+
+
+def finished(rt: Runtime, completion: Completion, outcome: Outcome, status: str) -> None:
+    """Metrics and one log line per answered chat: the model (or preset) asked for and the
+    compression the encoder applied, so that an evaluation's requests can be read back from the logs."""
+    rt.metrics.record_chat(outcome, completion.received_at, status)
+    header = outcome.header
+    if header is None:
+        log.info("chat %s model=%s status=%s video=none", completion.id, completion.model, status)
+        return
+    settings = header.compression.settings
+    compression = (f"earlytom retain_ratio={settings.retain_ratio:g}" if header.compression.method == "earlytom"
+                   else header.compression.method)
+    ttft = (outcome.first_token_at - completion.received_at) * 1e3 if outcome.first_token_at else float("nan")
+    log.info("chat %s model=%s status=%s cache=%s frames=%d frames_after_merge=%d visual_tokens=%d compression=%s "
+             "ttft_ms=%.0f", completion.id, completion.model, status, outcome.cache, header.frames_sampled,
+             header.compression.frames_after_merge, header.tensor.shape[0] if header.tensor.shape else 0, compression,
+             ttft)
 
 
 async def collect(responses: AsyncIterator, text: list[str]) -> None:
@@ -99,4 +120,4 @@ async def stream(rt: Runtime, responses: AsyncIterator, outcome: Outcome, comple
         raise
     finally:
         rt.leave()
-        rt.metrics.record_chat(outcome, completion.received_at, status)
+        finished(rt, completion, outcome, status)

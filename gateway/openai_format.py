@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from gateway.errors import bad_request
 from gateway.requests import ChatRequest, Outcome, VideoRequest
-from gateway.schemas import ChatCompletionRequest, ChatMessage, TextPart, VideoPart, VideoURL
+from gateway.schemas import ChatCompletionRequest, ChatMessage, ImagePart, ImageURL, TextPart, VideoPart, VideoURL
 from gateway.videos import VideoSources
 from protos.videollm.v1 import encoder_pb2, llm_pb2
 from videollm.frame_sampling import FrameSampling
@@ -28,14 +28,23 @@ ENCODER_STAGES = ("decode", "preprocess", "queue", "vision", "stage1", "importan
 # -- in -------------------------------------------------------------------------------------------
 
 
-async def to_chat_request(body: ChatCompletionRequest, videos: VideoSources) -> ChatRequest:
-    messages, video_url = prompt_messages(body.messages)
+async def to_chat_request(body: ChatCompletionRequest, videos: VideoSources, preset: dict) -> ChatRequest:
+    """preset: the compression overrides of the model the request named (a preset), under its own."""
+    messages, visual = prompt_messages(body.messages)
     video = None
-    if video_url is not None:
+    if visual is not None:
         options = body.videollm
-        overrides = options.compression.encoder_fields() if options.compression else {}
-        video = VideoRequest(await videos.resolve(video_url.url, video_url.payload), frame_sampling(body), overrides,
-                             options.max_visual_tokens)
+        overrides = {**preset, **(options.compression.encoder_fields() if options.compression else {})}
+        if isinstance(visual, VideoURL):
+            source, sampling = await videos.resolve(visual.url, visual.payload), frame_sampling(body)
+        else:  # frames as images: taken as they are
+            if body.videollm.sampling().model_dump(exclude_none=True) or body.media_io_kwargs is not None:
+                raise bad_request("frames sent as images are taken as they are, every one in order: leave out the "
+                                  "frame sampling (videollm.num_frames, fps, max_frames, start_s, end_s, "
+                                  "media_io_kwargs)", "videollm")
+            source = await videos.resolve_images([image.url for image in visual])
+            sampling = FrameSampling(num_frames=len(visual))
+        video = VideoRequest(source, sampling, overrides, options.max_visual_tokens)
     elif any(value is not None for value in body.videollm.model_dump().values()):
         raise bad_request("videollm options need a video_url content part", "videollm")
     elif body.media_io_kwargs is not None and body.media_io_kwargs.video is not None:
@@ -60,9 +69,11 @@ def frame_sampling(body: ChatCompletionRequest) -> FrameSampling:
                           "media_io_kwargs.video") from err
 
 
-def prompt_messages(messages: list[ChatMessage]) -> tuple[list[llm_pb2.ChatMessage], VideoURL | None]:
-    """The LLM's messages (a video part becomes the video's place in the prompt) and the video's URL."""
-    out, video_url = [], None
+def prompt_messages(messages: list[ChatMessage]) -> tuple[list[llm_pb2.ChatMessage], VideoURL | list[ImageURL] | None]:
+    """The LLM's messages and what the video is: a video part's URL, or the image parts of a message
+    (one video's frames, in order). The video takes its place in the prompt where its part is, or
+    where the first image is."""
+    out, visual, visual_message = [], None, None
     for message in messages:
         parts = [message.content] if isinstance(message.content, str) else message.content
         converted = llm_pb2.ChatMessage(role=message.role)
@@ -72,12 +83,22 @@ def prompt_messages(messages: list[ChatMessage]) -> tuple[list[llm_pb2.ChatMessa
             elif isinstance(part, TextPart):
                 converted.content.add(text=part.text)
             elif isinstance(part, VideoPart):
-                if video_url is not None:
-                    raise bad_request("at most one video per request is supported", "messages")
-                video_url = part.video_url
+                if visual is not None:
+                    raise bad_request("at most one video per request is supported (a video_url part, or the "
+                                      "image_url parts of one message as its frames)", "messages")
+                visual = part.video_url
+                converted.content.add(video=True)
+            elif isinstance(part, ImagePart):
+                if isinstance(visual, list) and visual_message is message:
+                    visual.append(part.image_url)  # the next frame
+                    continue
+                if visual is not None:
+                    raise bad_request("at most one video per request is supported: the image_url parts of one "
+                                      "message are its frames, beside no video_url part", "messages")
+                visual, visual_message = [part.image_url], message
                 converted.content.add(video=True)
         out.append(converted)
-    return out, video_url
+    return out, visual
 
 
 def sampling_params(body: ChatCompletionRequest) -> llm_pb2.SamplingParams:

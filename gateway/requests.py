@@ -41,6 +41,7 @@ class EncodeJob:
             compression=compression_to_proto(self.compression),
             offer_pull=offer_pull,
             max_visual_tokens=self.max_visual_tokens,
+            image_sizes=self.video.image_sizes,
         )
 
 
@@ -54,6 +55,9 @@ class VideoRequest:
     def resolve(self, info: encoder_pb2.EncoderInfo) -> EncodeJob:
         """The encoder's defaults (from its Info) filled in and every check made that needs no video;
         400 when one fails (the encoder checks the rest against the video before decoding it)."""
+        if self.video.image_sizes and len(self.video.image_sizes) > info.max_frames:
+            raise bad_request(f"{len(self.video.image_sizes)} images were sent as a video's frames; the encoder takes "
+                              f"at most {info.max_frames} frames a request", "messages")
         try:
             sampling = self.sampling.resolve(info.default_frames, info.max_frames)
         except SamplingError as err:

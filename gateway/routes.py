@@ -35,8 +35,10 @@ async def upload_video(request: Request):
 
 @router.get("/v1/models")
 async def list_models(request: Request):
-    model = runtime(request).settings.model_name
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "videollm"}]}
+    """The served model, then its compression presets: a request names one as its `model`."""
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "videollm",
+                                        "videollm_compression": overrides}
+                                       for name, overrides in runtime(request).settings.preset_models().items()]}
 
 
 @router.get("/health")

@@ -14,6 +14,7 @@ from gateway.cache import RedisStore, TokenCache
 from gateway.discovery import Discovery, Resolver, Target, resolve_dns
 from gateway.errors import APIError
 from gateway.fetch import FetchPolicy
+from gateway.local_files import LocalFiles
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline
 from gateway.video_store import VideoStore
@@ -34,6 +35,8 @@ class Runtime:
         self.fetch_policy = FetchPolicy.parse(settings.fetch_urls, settings.max_inline_bytes, settings.fetch_timeout_s,
                                               settings.fetch_allow)
         self.video_store = VideoStore(Path(settings.video_store_dir), settings.upload_ttl_s)  # fails early if unusable
+        # a local file is read into memory, like an inline one
+        self.local_files = LocalFiles.parse(settings.local_video_roots, settings.max_inline_bytes)
         self.targets = {"encoders": [Target.parse(a) for a in settings.encoders],  # a bad address fails here
                         "llms": [Target.parse(a) for a in settings.llms]}
         self.resolve: Resolver = resolve_dns  # what turns a name into replica addresses (tests swap it)
@@ -44,7 +47,7 @@ class Runtime:
         """Connect; gRPC aio channels and the Redis client belong to the server's event loop."""
         settings = self.settings
         self.store = RedisStore(settings.redis_url)
-        self.videos = VideoSources(self.video_store, self.fetch_policy, settings.max_inline_bytes)
+        self.videos = VideoSources(self.video_store, self.fetch_policy, self.local_files, settings.max_inline_bytes)
         self._sweeping = asyncio.create_task(self.video_store.sweep_every(min(SWEEP_EVERY_S, settings.upload_ttl_s)))
         tls = ReplicaPool.credentials(settings.grpc_tls_ca, settings.grpc_tls_cert, settings.grpc_tls_key)
         # videos go to encoders in chunks (or by file), tokens come back in chunks: no message is large

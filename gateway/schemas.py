@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, create_model
 from pydantic.fields import FieldInfo
 
 from videollm.frame_sampling import UINT32_MAX, FrameSampling
@@ -17,7 +17,8 @@ class TextPart(BaseModel):
 
 
 class VideoURL(BaseModel):
-    url: str = Field(description="a data:video/...;base64, URL or the id returned by POST /v1/videos")
+    url: str = Field(description="a data:video/...;base64, URL, the id returned by POST /v1/videos, a file:// "
+                                 "URL under the operator's local_video_roots, or an http(s) URL when fetching is on")
     _payload: memoryview | None = PrivateAttr(None)
 
     @property
@@ -35,7 +36,21 @@ class VideoPart(BaseModel):
     video_url: VideoURL
 
 
-ContentPart = Annotated[TextPart | VideoPart, Field(discriminator="type")]
+class ImageURL(BaseModel):
+    url: str = Field(description="a data:image/...;base64, URL, or a file:// URL under the operator's "
+                                 "local_video_roots")
+    detail: str | None = Field(None, description="accepted and ignored: every frame is seen at the model's size")
+
+
+class ImagePart(BaseModel):
+    """One frame of a video sent as images: the image parts of a message, in order, are one video's
+    frames (how evaluation tools that sample frames themselves send a video)."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | VideoPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
@@ -116,8 +131,27 @@ class MediaIOKwargs(BaseModel):
     video: VideoIOKwargs | None = None
 
 
+def only(allowed: tuple, why: str):
+    """A validator for an OpenAI field that does not apply here: values in `allowed` (what leaves the
+    answer as it is) pass, anything else is refused with `why`."""
+
+    def check(value):
+        if not any(value == permitted for permitted in allowed):
+            shown = f"{value!r} is" if isinstance(value, (int, float, str, bool)) else "this value is"
+            raise ValueError(f"{shown} not supported: {why}")
+        return value
+
+    return check
+
+
 class ChatCompletionRequest(BaseModel):
-    model: str
+    """OpenAI's chat completion body. Unknown fields are refused, as OpenAI refuses them; OpenAI's
+    fields that do not apply to this server are accepted when they leave the answer unchanged (n 1,
+    penalties 0, no logprobs, no tools, text responses) and refused when they would change it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="the served model or one of its compression presets (GET /v1/models)")
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -129,7 +163,25 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=1, description="only one choice per request")
-    user: str | None = None
+    user: str | None = Field(None, description="accepted and ignored")
+    presence_penalty: Annotated[float, AfterValidator(only((0,), "penalties are not applied; send 0 or leave it out"))] = 0.0
+    frequency_penalty: Annotated[float, AfterValidator(only((0,), "penalties are not applied; send 0 or leave it out"))] = 0.0
+    repetition_penalty: Annotated[float, AfterValidator(only((1,), "penalties are not applied; send 1 or leave it out"))] = 1.0
+    logprobs: Annotated[bool | None, AfterValidator(only((False, None), "log probabilities are not returned"))] = None
+    top_logprobs: Annotated[int | None, AfterValidator(only((0, None), "log probabilities are not returned"))] = None
+    logit_bias: Annotated[dict[str, float] | None,
+                          AfterValidator(lambda v: only((None,), "logit biases are not applied")(v or None))] = None
+    response_format: Annotated[dict | None, AfterValidator(
+        lambda v: only((None, "text"), "only text answers are made")(v.get("type") if v else None))] = None
+    tools: Annotated[list | None, AfterValidator(lambda v: only((None,), "tools are not supported")(v or None))] = None
+    tool_choice: Annotated[str | dict | None, AfterValidator(
+        only((None, "none", "auto"), "tools are not supported"))] = None
+    parallel_tool_calls: bool | None = Field(None, description="accepted and ignored (no tools)")
+    chat_template_kwargs: dict | None = Field(None, description="accepted and ignored: the model's chat template "
+                                              "takes no options (e.g. enable_thinking)")
+    store: bool | None = Field(None, description="accepted and ignored: nothing is stored")
+    metadata: dict[str, str] | None = Field(None, description="accepted and ignored")
+    service_tier: str | None = Field(None, description="accepted and ignored")
     videollm: VideoOptions = VideoOptions()
     media_io_kwargs: MediaIOKwargs | None = Field(None, description="vLLM's spelling of the frame sampling: "
                                                   '{"video": {"num_frames": N, "fps": F}}')

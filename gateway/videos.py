@@ -1,5 +1,6 @@
 """Where a request's video comes from: an inline data URL, the id of an uploaded video, or (when
-enabled) an http(s) URL the gateway fetches (fetch.py).
+enabled) an http(s) URL the gateway fetches (fetch.py) or a file:// URL it reads (local_files.py);
+or its frames, sent as images (data: or file:// URLs), taken together as one video.
 
 Inline and fetched videos are held in memory, so they are bounded by `max_inline_bytes`; a larger
 video is uploaded (POST /v1/videos, streamed to the video store on disk, video_store.py) and asked
@@ -24,6 +25,7 @@ import pybase64
 
 from gateway.errors import APIError, bad_request
 from gateway.fetch import FetchPolicy, fetch_video
+from gateway.local_files import LocalFiles
 from gateway.video_store import StoredVideo, VideoStore
 
 VIDEO_ID = re.compile(r"^video-[0-9a-f]{64}$")
@@ -38,10 +40,21 @@ class Video:
     sha256: str
     data: bytes | None = None  # None: an uploaded video, opened on a cache miss only
     store: VideoStore | None = field(default=None, repr=False, compare=False)
+    image_sizes: tuple[int, ...] = ()  # frames sent as images: `data` is these images back to back
 
     @classmethod
     def of(cls, data: bytes) -> Video:
         return cls(hashlib.sha256(data).hexdigest(), data)
+
+    @classmethod
+    def of_images(cls, images: list[bytes]) -> Video:
+        """Frames as images, one video: hashed with their sizes and a prefix of their own, so that
+        neither another split of the same bytes nor a video file of those bytes shares its tokens."""
+        sizes = tuple(len(image) for image in images)
+        data = b"".join(images)
+        digest = hashlib.sha256(f"videollm frames as images {','.join(map(str, sizes))}\n".encode())
+        digest.update(data)
+        return cls(digest.hexdigest(), data, image_sizes=sizes)
 
     @classmethod
     def uploaded(cls, video_id: str, store: VideoStore) -> Video:
@@ -71,15 +84,15 @@ def too_large(size: int, limit: int) -> APIError:
                     code="video_too_large")
 
 
-def decode_data_url(url: str, max_bytes: int, payload: memoryview | None = None) -> Video:
-    """payload: the base64 text when the body parser left it in the request's bytes (`url` then ends
-    with ";base64,")."""
+def decode_data_url(url: str, max_bytes: int, payload: memoryview | None = None, kind: str = "video") -> bytes:
+    """The bytes of a data:<kind>/...;base64, URL (kind "video" or "image"). payload: the base64 text
+    when the body parser left it in the request's bytes (`url` then ends with ";base64,")."""
     match = DATA_URL.match(url)
     if match is None or not match.group("b64"):
-        raise bad_request("malformed data URL: expected data:video/<type>;base64,<data>", "messages")
+        raise bad_request(f"malformed data URL: expected data:{kind}/<type>;base64,<data>", "messages")
     mime = (match.group("mime") or "").lower()
-    if not (mime.startswith("video/") or mime == "application/octet-stream"):
-        raise bad_request(f"the data URL's media type must be video/*, got {mime or 'none'!r}", "messages")
+    if not (mime.startswith(f"{kind}/") or mime == "application/octet-stream"):
+        raise bad_request(f"the data URL's media type must be {kind}/*, got {mime or 'none'!r}", "messages")
     encoded = url[match.end() :] if payload is None else payload
     if len(encoded) * 3 // 4 > max_bytes + 3:
         raise too_large(len(encoded) * 3 // 4, max_bytes)
@@ -89,8 +102,8 @@ def decode_data_url(url: str, max_bytes: int, payload: memoryview | None = None)
     except (binascii.Error, ValueError) as err:
         raise bad_request(f"malformed data URL: the base64 payload is invalid ({err})", "messages") from err
     if not data:
-        raise bad_request("the video in the data URL is empty", "messages")
-    return Video.of(data)
+        raise bad_request(f"the {kind} in the data URL is empty", "messages")
+    return data
 
 
 def probe_video(path: Path) -> None:
@@ -115,15 +128,41 @@ class VideoSources:
 
     store: VideoStore
     fetch_policy: FetchPolicy
+    local_files: LocalFiles
     max_inline_bytes: int
 
     async def resolve(self, url: str, payload: memoryview | None = None) -> Video:
         """payload: an inline data URL's base64 text, when the body parser left it out of `url`."""
         if url.startswith("data:"):
-            return await asyncio.to_thread(decode_data_url, url, self.max_inline_bytes, payload)
+            return Video.of(await asyncio.to_thread(decode_data_url, url, self.max_inline_bytes, payload))
         if VIDEO_ID.fullmatch(url):  # nothing read yet: a hit needs only the hash
             return Video.uploaded(url, self.store)
         if url.startswith(("http://", "https://")):
             return Video.of(await fetch_video(url, self.fetch_policy))
-        raise bad_request("video_url.url must be a data:video/...;base64, URL or a video id from /v1/videos",
-                          "messages")
+        if url.startswith("file:"):
+            return Video.of(await asyncio.to_thread(self.local_files.read, url))
+        raise bad_request("video_url.url must be a data:video/...;base64, URL, a video id from /v1/videos, or a "
+                          "file:// URL under the server's local_video_roots", "messages")
+
+    async def resolve_images(self, urls: list[str]) -> Video:
+        """Frames sent as images (data:image/... or file:// URLs), in order, as one video; together
+        they are held to the inline limit."""
+        def read_all() -> list[bytes]:
+            images, total = [], 0
+            for url in urls:
+                if url.startswith("data:"):
+                    image = decode_data_url(url, self.max_inline_bytes, kind="image")
+                elif url.startswith("file:"):
+                    image = self.local_files.read(url)
+                else:
+                    raise bad_request("image_url.url must be a data:image/...;base64, URL or a file:// URL under "
+                                      "the server's local_video_roots", "messages")
+                total += len(image)
+                if total > self.max_inline_bytes:
+                    raise APIError(413, f"the images are over {self.max_inline_bytes} bytes together, the limit "
+                                        "for frames sent as images: send fewer or smaller frames, or the video",
+                                   code="video_too_large")
+                images.append(image)
+            return images
+
+        return Video.of_images(await asyncio.to_thread(read_all))

@@ -8,6 +8,7 @@ name, API keys, default max_tokens).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -33,7 +34,7 @@ def non_default_values(tiny_model_dir: Path, redis_url: str, shm_dir: Path) -> d
         "redis_url": redis_url, "cache_ttl_s": 1234, "cache_max_entry_bytes": 12_345_678, "upload_ttl_s": 4321,
         "max_upload_bytes": 5_000_000, "max_inline_bytes": 3_000_000, "request_timeout_s": 123.0, "max_in_flight": 7,
         "direct_pull": False, "fetch_urls": True, "fetch_timeout_s": 12.0, "fetch_allow": ["10.1.2.0/24"],
-        "resolve_interval_s": 1.5,
+        "resolve_interval_s": 1.5, "local_video_roots": [str(shm_dir)], "presets": {"r0.3": {"retain_ratio": 0.3}},
         # encoder and LLM
         "model": str(tiny_model_dir), "device": "cpu:0", "dtype": "float32", "max_concurrent": 5,
         "pull_shm_dir": str(shm_dir), "drain_s": 12.0,
@@ -63,6 +64,8 @@ def as_argv(flag, value) -> list[str]:
         return [flag.option if value else flag.option.replace("--", "--no-", 1)]
     if isinstance(value, list):
         return [flag.option, ",".join(map(str, value))]
+    if isinstance(value, dict):
+        return [flag.option, json.dumps(value)]
     return [flag.option, str(value)]
 
 

@@ -171,9 +171,10 @@ def client(gateway) -> openai.OpenAI:
         yield c
 
 
-def test_the_openai_client_lists_the_model(client):
+def test_the_openai_client_lists_the_model_and_its_presets(client):
     models = client.models.list()
-    assert [m.id for m in models.data] == ["videollm"]
+    assert [m.id for m in models.data] == ["videollm", "videollm-full", "videollm-r0.25", "videollm-r0.1"]
+    assert models.data[3].model_extra["videollm_compression"] == {"retain_ratio": 0.1}
 
 
 def test_the_openai_client_reads_a_completion_and_a_stream(gateway, clean_redis, client, video_url):

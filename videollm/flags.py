@@ -10,6 +10,7 @@ several services own (`--model`, `--max-concurrent`) sets it in each of them.
 from __future__ import annotations
 
 import argparse
+import json
 import types
 import typing
 from dataclasses import dataclass
@@ -50,7 +51,9 @@ def _bare(annotation):
     return annotation
 
 
-def _is_model(annotation) -> bool:
+def is_settings_object(annotation) -> bool:
+    """A nested settings model (its fields become flags and variables of their own), `X | None` too."""
+    annotation = _bare(annotation)
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
@@ -60,9 +63,8 @@ def flags_of(settings_cls: type[BaseModel], exclude: frozenset[str] = frozenset(
     for name, field in settings_cls.model_fields.items():
         if name in exclude:
             continue
-        annotation = _bare(field.annotation)
-        if _is_model(annotation):
-            flags += flags_of(annotation, prefix=(*prefix, name))
+        if is_settings_object(field.annotation):
+            flags += flags_of(_bare(field.annotation), prefix=(*prefix, name))
         else:
             flags.append(Flag((*prefix, name), (field,)))
     return flags
@@ -95,6 +97,9 @@ def add_flags(parser: argparse.ArgumentParser, flags: list[Flag]) -> None:
         elif origin is list:
             kwargs["type"] = split_list
             kwargs["metavar"] = "A,B,..."
+        elif origin is dict:
+            kwargs["type"] = json.loads
+            kwargs["metavar"] = "JSON"
         elif annotation in (int, float, str, Path):
             kwargs["type"] = annotation
         else:

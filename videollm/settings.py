@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1 << 20
@@ -276,11 +276,40 @@ class GatewaySettings(BaseSettings):
     fetch_allow: Annotated[list[str], NoDecode] = Field(
         [], description="networks (CIDR) that URLs may reach although private, e.g. 10.1.2.0/24"
     )
+    local_video_roots: Annotated[list[str], NoDecode] = Field(
+        [], description="directories whose videos and frames requests may name by file:// URL (symlinks and .. "
+                        "resolved; nothing outside them is read); empty = file:// URLs refused")
+    presets: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"full": {"method": "none"}, "r0.25": {"retain_ratio": 0.25},
+                                 "r0.1": {"retain_ratio": 0.1}},
+        description='compression presets served as model names "<model_name>-<name>" (JSON, e.g. {"r0.1": '
+                    '{"retain_ratio": 0.1}, "full": {"method": "none"}}): a request naming one gets its compression '
+                    "settings unless its videollm.compression says otherwise; {} = none")
 
-    @field_validator("fetch_allow", mode="before")
+    @field_validator("fetch_allow", "local_video_roots", mode="before")
     @classmethod
-    def _networks(cls, value):
+    def _lists(cls, value):
         return split_list(value)
+
+    @field_validator("presets")
+    @classmethod
+    def _presets(cls, value):
+        for name, overrides in value.items():
+            if not name or not all(c.isalnum() or c in "._-" for c in name):
+                raise ValueError(f"preset name {name!r}: use letters, digits, '.', '_' and '-'")
+            unknown = set(overrides) - set(CompressionSettings.model_fields)
+            if unknown:
+                raise ValueError(f"preset {name!r}: {sorted(unknown)} are not compression settings; they are "
+                                 f"{sorted(CompressionSettings.model_fields)}")
+            try:
+                CompressionSettings().overridden(overrides)
+            except ValidationError as err:
+                raise ValueError(f"preset {name!r}: {err.errors()[0]['loc']}: {err.errors()[0]['msg']}") from None
+        return value
+
+    def preset_models(self) -> dict[str, dict[str, Any]]:
+        """Every model name served -> its compression overrides: the model itself ({}), then the presets."""
+        return {self.model_name: {}, **{f"{self.model_name}-{name}": dict(o) for name, o in self.presets.items()}}
 
     @field_validator("encoders", "llms", mode="before")
     @classmethod

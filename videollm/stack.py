@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from videollm.flags import SERVICES, given_values, serve_flags
+from videollm.flags import SERVICES, given_values, is_settings_object, serve_flags
 from videollm.settings import GatewaySettings, default_model_dir
 
 
@@ -102,13 +102,16 @@ def child_environment(service: str, values: dict) -> dict[str, str]:
     """Settings as the service's environment variables (its prefix, nested fields joined by "__"):
     how `serve` hands each child its flags, which also keeps secrets such as API keys out of `ps`."""
 
-    def pairs(key: str, value) -> list[tuple[str, str]]:
-        if isinstance(value, dict):
-            return [pair for name, item in value.items() for pair in pairs(f"{key}__{name.upper()}", item)]
-        return [(key, json.dumps(value) if isinstance(value, (list, bool)) else str(value))]
+    fields = SERVICES[service].model_fields
+
+    def pairs(key: str, value, nested: bool) -> list[tuple[str, str]]:
+        if isinstance(value, dict) and nested:  # a nested settings object: a variable per field
+            return [pair for name, item in value.items() for pair in pairs(f"{key}__{name.upper()}", item, True)]
+        return [(key, json.dumps(value) if isinstance(value, (list, dict, bool)) else str(value))]
 
     prefix = SERVICES[service].model_config["env_prefix"]
-    return dict(pair for name, value in values.items() for pair in pairs(prefix + name.upper(), value))
+    return dict(pair for name, value in values.items()
+                for pair in pairs(prefix + name.upper(), value, is_settings_object(fields[name].annotation)))
 
 
 def spawn_service(stack: Stack, python: list[str], service: str, values: dict) -> subprocess.Popen:

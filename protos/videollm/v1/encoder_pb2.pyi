@@ -100,7 +100,7 @@ class LayerList(_message.Message):
     def __init__(self, layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("video", "sampling", "compression", "request_id", "offer_pull", "video_ticket", "video_size", "max_visual_tokens")
+    __slots__ = ("video", "sampling", "compression", "request_id", "offer_pull", "video_ticket", "video_size", "max_visual_tokens", "image_sizes")
     VIDEO_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class EncodeRequest(_message.Message):
     VIDEO_TICKET_FIELD_NUMBER: _ClassVar[int]
     VIDEO_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_VISUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZES_FIELD_NUMBER: _ClassVar[int]
     video: bytes
     sampling: FrameSampling
     compression: Compression
@@ -117,7 +118,8 @@ class EncodeRequest(_message.Message):
     video_ticket: str
     video_size: int
     max_visual_tokens: int
-    def __init__(self, video: _Optional[bytes] = ..., sampling: _Optional[_Union[FrameSampling, _Mapping]] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ..., request_id: _Optional[str] = ..., offer_pull: _Optional[bool] = ..., video_ticket: _Optional[str] = ..., video_size: _Optional[int] = ..., max_visual_tokens: _Optional[int] = ...) -> None: ...
+    image_sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, video: _Optional[bytes] = ..., sampling: _Optional[_Union[FrameSampling, _Mapping]] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ..., request_id: _Optional[str] = ..., offer_pull: _Optional[bool] = ..., video_ticket: _Optional[str] = ..., video_size: _Optional[int] = ..., max_visual_tokens: _Optional[int] = ..., image_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EncodeInput(_message.Message):
     __slots__ = ("request", "video_chunk", "stored_video")
