@@ -40,6 +40,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     chat.received_at = received_at
     chat.deadline = time.monotonic() + rt.settings.request_timeout_s
     outcome = Outcome(arrived_at=request.state.arrived_at)
+    if chat.video is not None:
+        outcome.images = len(chat.video.video.image_sizes)
     completion = Completion(model, received_at)
     rt.enter()
     try:
@@ -76,8 +78,9 @@ def finished(rt: Runtime, completion: Completion, outcome: Outcome, status: str)
     compression = (f"earlytom retain_ratio={settings.retain_ratio:g}" if header.compression.method == "earlytom"
                    else header.compression.method)
     ttft = (outcome.first_token_at - completion.received_at) * 1e3 if outcome.first_token_at else float("nan")
-    log.info("chat %s model=%s status=%s cache=%s frames=%d frames_after_merge=%d visual_tokens=%d compression=%s "
-             "ttft_ms=%.0f", completion.id, completion.model, status, outcome.cache, header.frames_sampled,
+    log.info("chat %s model=%s status=%s video=%s cache=%s frames=%d frames_after_merge=%d visual_tokens=%d "
+             "compression=%s ttft_ms=%.0f", completion.id, completion.model, status,
+             f"{outcome.images}-images" if outcome.images else "file", outcome.cache, header.frames_sampled,
              header.compression.frames_after_merge, header.tensor.shape[0] if header.tensor.shape else 0, compression,
              ttft)
 

@@ -115,6 +115,7 @@ class Outcome:
     """What the response's `videollm` object reports."""
 
     cache: str | None = None  # "hit" | "miss" | None without a video
+    images: int = 0  # frames sent as that many images (0: a video file, or no video)
     max_visual_tokens: int = 0  # the request's token budget (0: none)
     header: encoder_pb2.EncodeHeader | None = None
     final: llm_pb2.GenerateFinal | None = None
