@@ -60,7 +60,7 @@ class LocalFiles:
             raise APIError(404, f"no file at {url}", param=param, code="file_not_found") from None
         except OSError as err:  # a symlink put there since the check (ELOOP), no permission...
             raise forbidden(f"{url} cannot be opened: {err.strerror}", param) from None
-        with os.fdopen(fd, "rb") as file:
+        try:
             opened = f"/proc/self/fd/{fd}"  # what was opened, in fact (Linux; elsewhere O_NOFOLLOW alone)
             if os.path.exists(opened):
                 self._check_within(os.readlink(opened), url, param)
@@ -70,7 +70,12 @@ class LocalFiles:
             if info.st_size > self.max_bytes:
                 raise APIError(413, f"{url} is {info.st_size} bytes; the limit for a local file is {self.max_bytes} "
                                     "bytes (max_inline_bytes)", param=param, code="video_too_large")
-            data = file.read(self.max_bytes + 1)
+            with os.fdopen(fd, "rb") as file:
+                fd = -1  # the file owns it now
+                data = file.read(self.max_bytes + 1)
+        finally:
+            if fd >= 0:
+                os.close(fd)
         if len(data) > self.max_bytes:  # it grew while read
             raise APIError(413, f"{url} is over the limit of {self.max_bytes} bytes", param=param,
                            code="video_too_large")

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,24 @@ def test_lmms_eval_evaluates_the_server_at_two_presets(evaluated_gateway, task_d
         # usage.prompt_tokens, as lmms-eval logged it, counts the visual tokens
         assert all(sample["token_counts"][0]["input_tokens"] > max(visual_tokens[model]) for sample in samples)
     assert min(visual_tokens["videollm-r0.25"]) > max(visual_tokens["videollm-r0.1"])
+
+
+def test_videollm_eval_on_the_same_data_gives_lmms_eval_s_answers_and_scores(evaluated_gateway, task_dir,
+                                                                            mvbench_like, tmp_path):
+    samples = run_lmms_eval(evaluated_gateway, task_dir, mvbench_like, tmp_path / "lmms", "videollm-r0.1", True)
+    out = tmp_path / "ours.json"
+    done = subprocess.run([sys.executable, "-m", "videollm.cli", "eval", "--data", str(mvbench_like), "--layout",
+                           "mvbench", "--url", evaluated_gateway.url, "--models", "videollm-full,videollm-r0.1",
+                           "--frames", str(FRAMES), "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    table = done.stdout.splitlines()
+    assert table[2].startswith("| videollm-full (full) | none (full) | 4 | 4 |")  # the full-token row first
+    assert table[3].startswith("| videollm-r0.1 | retain 0.1 | 4 | 4 |")
+    ours = {int(r["question"].split("/")[1]): r for r in json.loads(out.read_text())["results"]
+            if r["model"] == "videollm-r0.1"}
+    for sample in samples:  # the same prompt, frames and preset: the same answer, scored the same
+        theirs = sample["mvbench_accuracy"]
+        mine = ours[sample["doc_id"]]
+        assert mine["text"].strip() == theirs["pred_answer"].strip()
+        assert mine["correct"] == bool(theirs["score"]) and mine["answer"] == theirs["gt_answer"]

@@ -60,6 +60,28 @@ def cmd_build_tiny_model(args: argparse.Namespace) -> None:
     print(f"wrote the embedded default model to {out}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from videollm.evaluation import EvalConfig, EvalError, api_key_from_env, main as eval_main
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a log line per request
+    models = [name.strip() for name in args.models.split(",") if name.strip()] if args.models else None
+    config = EvalConfig(data=args.data, layout=args.layout, url=args.url, models=models, frames=args.frames,
+                        max_tokens=args.max_tokens, limit=args.limit, concurrency=args.concurrency,
+                        api_key=api_key_from_env(args.api_key), out=args.out)
+    try:
+        sys.exit(eval_main(config))
+    except EvalError as err:  # a missing video, an unknown model, no server: say so, without a traceback
+        print(f"videollm eval: {err}", file=sys.stderr)
+        sys.exit(2)  # 1 is kept for "every request failed"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="videollm", description="Disaggregated video-LLM server")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -81,6 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark the stack against transformers (see videollm bench --help)",
                            add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+
+    evaluate = sub.add_parser("eval", help="accuracy of every served model name on MVBench or VideoMME through "
+                                           "the REST API, scored as lmms-eval scores it")
+    evaluate.add_argument("--data", type=Path, required=True, help="the dataset's directory")
+    evaluate.add_argument("--layout", required=True, choices=["mvbench", "videomme"],
+                          help="mvbench: json/<task>.json and video/...; videomme: videomme.json(l) and data/")
+    evaluate.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway")
+    evaluate.add_argument("--models", help="comma-separated model names (default: every model GET /v1/models lists; "
+                                           "include the full-token one for the 'vs full' column)")
+    evaluate.add_argument("--frames", type=_positive, default=16, help="frames sampled per video")
+    evaluate.add_argument("--max-tokens", type=_positive, default=16)
+    evaluate.add_argument("--limit", type=_positive, help="questions per task file (default: all)")
+    evaluate.add_argument("--concurrency", type=_positive, default=4, help="requests at a time")
+    evaluate.add_argument("--api-key", help="sent as a Bearer token (default: $VIDEOLLM_API_KEY, else none)")
+    evaluate.add_argument("--out", type=Path, help="write every question's result there as JSON")
+    evaluate.set_defaults(func=cmd_eval)
 
     tiny = sub.add_parser("build-tiny-model", help="write the embedded default model to DIR")
     tiny.add_argument("dir", type=Path)
