@@ -45,7 +45,6 @@ class Replica:
     in_flight: int = 0
     down_until: float = 0.0  # after a call failed with UNAVAILABLE
     healthy: bool | None = None  # its last health check (discovery.py); None until the first
-    order: int = 0
     takes_video_files: bool | None = None  # an encoder on this host? None until its first Encode says
     shares_video_store: bool | None = None  # an encoder that sees our video store? None until it says
 
@@ -79,7 +78,6 @@ class ReplicaPool:
         self._close_grace_s = close_grace_s  # how long a gone replica's calls in flight may still finish
         self._closing: set[asyncio.Task] = set()
         self._turn = itertools.count()
-        self._created = itertools.count()
 
     @staticmethod
     def credentials(ca, cert, key) -> grpc.ChannelCredentials | None:
@@ -117,7 +115,7 @@ class ReplicaPool:
         else:  # the certificate names the service, not the pod's address
             channel = grpc.aio.secure_channel(address, self._credentials,
                                               options=[*self._options, ("grpc.ssl_target_name_override", name)])
-        return Replica(address, channel, self._stub_cls(channel), order=next(self._created))
+        return Replica(address, channel, self._stub_cls(channel))
 
     def _close_later(self, replica: Replica) -> None:
         task = asyncio.create_task(replica.channel.close(grace=self._close_grace_s))
@@ -134,7 +132,8 @@ class ReplicaPool:
         # a replica that is not serving may still be the only one left: then it is tried anyway
         up = [r for r in candidates if r.down_until <= now and r.healthy is not False] or candidates
         turn = next(self._turn)
-        least = min(up, key=lambda r: (r.in_flight, (r.order - turn) % len(candidates)))
+        position = {r.address: index for index, r in enumerate(candidates)}  # ties go round robin over these
+        least = min(up, key=lambda r: (r.in_flight, (position[r.address] - turn) % len(candidates)))
         for replica in up:
             if replica.address == prefer and replica.in_flight <= least.in_flight + PREFER_SLACK:
                 return replica

@@ -24,6 +24,7 @@ import pytest
 
 from conftest import GatewayServer, gateway_settings
 from gateway.app import create_app
+from gateway.backends import ReplicaPool as Replicas
 from gateway.discovery import Target, resolve_dns
 from gateway.shared_flight import LOCK_TTL_MS, lock_key
 from helpers import data_url, video_chat
@@ -225,3 +226,15 @@ def test_a_gateway_killed_with_9_loses_only_its_own_requests_and_its_lock_expire
         again = httpx.post(f"{fresh.url}/v1/chat/completions", json=body, timeout=120)
     assert again.status_code == 200 and again.headers["x-videollm-cache"] == "hit", again.text
     assert clean_redis.keys(lock_key("*")) == []
+
+
+def test_ties_go_round_robin_over_the_replicas_after_some_are_gone():
+    async def picks() -> list[str]:
+        pool = Replicas("encoder", lambda channel: None, 1 << 20)
+        pool.update({"10.0.0.1:1": "a", "10.0.0.2:1": "b", "10.0.0.3:1": "c"})
+        pool.update({"10.0.0.1:1": "a", "10.0.0.3:1": "c"})  # b is gone
+        chosen = [pool.pick().address for _ in range(4)]
+        await pool.close()
+        return chosen
+
+    assert sorted(asyncio.run(picks())) == ["10.0.0.1:1", "10.0.0.1:1", "10.0.0.3:1", "10.0.0.3:1"]
