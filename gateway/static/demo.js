@@ -13,6 +13,7 @@ const state = {
   model: "videollm",
   file: null,
   upload: null,  // {file, id}: the chosen file's id on the server, so that it is uploaded once
+  drawing: 0,  // the thumbnail drawing in progress (drawThumbnails)
 };
 
 class APIError extends Error {
@@ -337,11 +338,13 @@ function once(target, name) {
 async function drawThumbnails(times, fps, thumbs, overlays) {
   const status = $("thumb-status");
   if (!times.length) { status.textContent = "The answer gave no frame times: no thumbnails."; return; }
+  const run = ++state.drawing;  // a newer answer's drawing takes the <video> over from this one
   const video = $("decoder");
   const url = URL.createObjectURL(state.file);
   try {
     video.src = url;
     await once(video, "loadeddata");
+    if (run !== state.drawing) return;
     const aspect = video.videoHeight / video.videoWidth;  // as shown: the browser applies the rotation too
     for (const [, canvas] of thumbs) canvas.height = Math.round(canvas.width * aspect);
     for (const { canvas, kept } of overlays) {
@@ -353,6 +356,7 @@ async function drawThumbnails(times, fps, thumbs, overlays) {
       status.textContent = `Drawing thumbnails: ${done + 1} of ${wanted.length}`;
       video.currentTime = Math.min(times[sampled] + 0.5 / fps, Math.max(0, video.duration - 0.001));
       await once(video, "seeked");
+      if (run !== state.drawing) return;
       for (const [index, canvas] of thumbs) {
         if (index !== sampled) continue;
         canvas.getContext("2d").drawImage(video, 0, 0, canvas.width, canvas.height);
@@ -366,10 +370,12 @@ async function drawThumbnails(times, fps, thumbs, overlays) {
     }
     status.textContent = `${wanted.length} sampled frames drawn from your file.`;
   } catch (err) {
-    status.textContent = `No thumbnails: ${err.message}. The kept positions are shown on grey.`;
+    if (run === state.drawing) status.textContent = `No thumbnails: ${err.message}. The kept positions are shown on grey.`;
   } finally {
-    video.removeAttribute("src");
-    video.load();
+    if (run === state.drawing) {
+      video.removeAttribute("src");
+      video.load();
+    }
     URL.revokeObjectURL(url);
   }
 }
