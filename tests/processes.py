@@ -4,7 +4,9 @@ LLM replicas (`python -m videollm.cli encoder|llm --model DIR --port P`) and gat
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,7 +18,6 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import free_port
 from protos.videollm.v1 import encoder_pb2, encoder_pb2_grpc, llm_pb2, llm_pb2_grpc
 from videollm.stack import wait_for_grpc
 
@@ -68,11 +69,34 @@ def run_cli(args: list[str], log: Path) -> subprocess.Popen:
                                 stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
 
 
+# the service's own line once it listens (videollm/grpc_server.py start_service)
+LISTENING = re.compile(r" serving .* on 127\.0\.0\.1:(\d+)")
+_SPAWNED = itertools.count()  # names the processes' logs
+
+
 def spawn(kind: str, model_dir: Path, log_dir: Path) -> Replica:
-    port = free_port()
-    log = log_dir / f"{kind}-{port}.log"
-    process = run_cli([kind, "--model", str(model_dir), "--port", str(port)], log)
-    return Replica(kind, f"127.0.0.1:{port}", process, log)
+    """A replica on a port of its own choosing (port 0: no other process can take a port picked
+    for it before it binds); its address is known once it says where it listens (started())."""
+    log = log_dir / f"{kind}-{next(_SPAWNED)}.log"
+    process = run_cli([kind, "--model", str(model_dir), "--port", "0"], log)
+    return Replica(kind, "", process, log)
+
+
+def started(replica: Replica, timeout_s: float = START_TIMEOUT_S) -> None:
+    """Wait for the replica to say where it listens, then for it to answer there."""
+    deadline = time.monotonic() + timeout_s
+    while not replica.address:
+        found = LISTENING.search(replica.log_tail(100_000))
+        if found:
+            replica.address = f"127.0.0.1:{found.group(1)}"
+        elif not replica.alive() or time.monotonic() > deadline:
+            pytest.fail(f"{replica.kind} did not start: {replica.log_tail()}")
+        else:
+            time.sleep(0.1)
+    try:
+        wait_for_grpc(replica.address, replica.process, max(1.0, deadline - time.monotonic()))
+    except RuntimeError as err:
+        pytest.fail(f"{replica.kind} at {replica.address} did not start: {err}\n{replica.log_tail()}")
 
 
 @dataclass
@@ -91,19 +115,21 @@ class GatewayProcess:
 
 
 def spawn_gateway(log_dir: Path, *args: str) -> GatewayProcess:
-    """A gateway process on a free port (`args`: its other flags), once /health answers."""
-    port = free_port()
-    log = log_dir / f"gateway-{port}.log"
-    gateway = GatewayProcess(f"http://127.0.0.1:{port}", run_cli(["gateway", "--port", str(port), *args], log), log)
+    """A gateway process on a port of its own choosing (`args`: its other flags), once /health answers."""
+    log = log_dir / f"gateway-{next(_SPAWNED)}.log"
+    gateway = GatewayProcess("", run_cli(["gateway", "--port", "0", *args], log), log)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if gateway.process.poll() is not None:
             pytest.fail(f"the gateway exited with {gateway.process.returncode}:\n{gateway.log_tail()}")
-        try:
-            if httpx.get(f"{gateway.url}/health", timeout=1).status_code == 200:
-                return gateway
-        except httpx.HTTPError:
-            pass
+        found = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", gateway.log_tail(100_000))
+        if found:
+            gateway.url = found.group(1)
+            try:
+                if httpx.get(f"{gateway.url}/health", timeout=1).status_code == 200:
+                    return gateway
+            except httpx.HTTPError:
+                pass
         time.sleep(0.1)
     gateway.kill()
     pytest.fail(f"the gateway did not start within {START_TIMEOUT_S} s:\n{gateway.log_tail()}")
@@ -121,10 +147,7 @@ class ReplicaPool:
         fresh = [spawn(kind, self.model_dir, self.log_dir) for kind in kinds]
         self.everything += fresh
         for replica in fresh:
-            try:
-                wait_for_grpc(replica.address, replica.process, START_TIMEOUT_S)
-            except RuntimeError as err:
-                pytest.fail(f"{replica.kind} at {replica.address} did not start: {err}\n{replica.log_tail()}")
+            started(replica)
         self.spare += fresh
 
     def take(self, kind: str, count: int = 1) -> list[Replica]:
