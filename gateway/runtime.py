@@ -37,8 +37,8 @@ class Runtime:
         self.video_store = VideoStore(Path(settings.video_store_dir), settings.upload_ttl_s)  # fails early if unusable
         # a local file is read into memory, like an inline one
         self.local_files = LocalFiles.parse(settings.local_video_roots, settings.max_inline_bytes)
-        self.targets = {"encoders": [Target.parse(a) for a in settings.encoders],  # a bad address fails here
-                        "llms": [Target.parse(a) for a in settings.llms]}
+        self.encoder_targets = [Target.parse(a) for a in settings.encoders]  # a bad address fails here
+        self.llm_targets = [Target.parse(a) for a in settings.llms]
         self.resolve: Resolver = resolve_dns  # what turns a name into replica addresses (tests swap it)
         self.in_flight = 0  # chat completions in progress
         self._sweeping: asyncio.Task | None = None
@@ -54,7 +54,7 @@ class Runtime:
         grace = settings.request_timeout_s  # a gone replica's calls in flight may finish
         self.encoders = ReplicaPool("encoder", transport.encoder_stub, 16 * MiB, tls, grace)
         self.llms = ReplicaPool("LLM", transport.llm_stub, 16 * MiB, tls, grace)
-        self.discovery = Discovery([(self.encoders, self.targets["encoders"]), (self.llms, self.targets["llms"])],
+        self.discovery = Discovery([(self.encoders, self.encoder_targets), (self.llms, self.llm_targets)],
                                    settings.resolve_interval_s, self.resolve)
         await self.discovery.start()
         cache = TokenCache(self.store, settings.cache_ttl_s, settings.cache_max_entry_bytes,

@@ -22,7 +22,6 @@ class APIError extends Error {
     const where = error.param ? ` (${error.param})` : "";
     super(`${status ? status + ": " : ""}${error.message || "the server gave no reason"}${where}`);
     this.status = status;
-    this.code = error.code;
   }
 }
 
